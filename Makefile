@@ -1,0 +1,35 @@
+# counterwarp: two commands set everything up on a fresh machine.
+#   make demo   -> create .venv if needed, install, run the demo on embedded synthetic data
+#   make test   -> same set-up, run the test suite
+#   make bench  -> same set-up, run the speed benchmarks
+PYTHON ?= python3
+VENV   ?= .venv
+TORCH  ?= torch==2.13.0
+PY     := $(VENV)/bin/python
+DEMO_OUT ?= runs/demo
+DEMO_ARGS ?=
+
+.PHONY: demo test bench lint install clean
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	@touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(VENV)/bin/counterwarp demo --out $(DEMO_OUT) $(DEMO_ARGS)
+
+test: install
+	$(PY) -m pytest -q tests
+
+bench: install
+	$(PY) benchmarks/run.py
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf runs build dist *.egg-info src/*.egg-info

@@ -1,0 +1,3 @@
+"""counterwarp: explain image classifiers with a conditional warping simulator."""
+
+__version__ = "0.1.0"

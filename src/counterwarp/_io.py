@@ -1,0 +1,68 @@
+"""Atomic file output: write to a temporary file in the same folder, then rename.
+
+A killed process therefore never leaves a half-written NIfTI, JSON, CSV or checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success rename it onto ``path``.
+
+    The temporary name keeps the final suffixes (``.nii.gz``) so libraries that pick a
+    format by extension still work. On error the temporary file is removed.
+    """
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(final.suffixes) or ".tmp"
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=suffix, dir=final.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically and return the path."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def write_json_atomic(path: str | os.PathLike[str], payload: Any) -> Path:
+    """Write ``payload`` as indented JSON to ``path`` atomically and return the path."""
+    return write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=False) + "\n")
+
+
+def save_torch_atomic(path: str | os.PathLike[str], payload: dict[str, Any]) -> Path:
+    """``torch.save`` a dict of tensors and JSON-able values to ``path`` atomically."""
+    import torch
+
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+    return Path(path)
+
+
+def save_nifti_atomic(path: str | os.PathLike[str], image: Any) -> Path:
+    """Save a nibabel image to ``path`` atomically and return the path."""
+    import nibabel as nib
+
+    with atomic_path(path) as tmp:
+        nib.save(image, tmp)
+    return Path(path)
