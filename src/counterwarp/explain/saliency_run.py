@@ -1,0 +1,182 @@
+"""Run-folder workflow behind ``counterwarp saliency``: classic saliency maps per image.
+
+For every image (the ``split`` part of a manifest, or image files given directly) and every
+requested method of :data:`~counterwarp.explain.saliency.SALIENCY_METHODS`, the map of the
+run's classifier logit is computed on the model grid, restored (linearly) to the image's own
+grid and written as ``OUT/<id>_<method>.nii.gz`` with the image's affine, so it overlays on
+the input in any viewer. One PNG per image, ``OUT/<id>_saliency.png``, shows all requested
+methods side by side (on the model grid, over the z-scored image the classifier saw), and
+``OUT/saliency_index.csv`` lists what was written.
+
+Everything that can be checked is checked before the first file is written: the method
+names, the occlusion patch, the classifier checkpoint, the split and every input image. A
+user error therefore leaves ``OUT`` untouched (not even created).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from counterwarp._io import write_text_atomic
+from counterwarp.data.preprocess import load_model_input, save_on_input_grid
+from counterwarp.errors import CounterwarpError
+from counterwarp.explain.saliency import SALIENCY_METHODS, saliency_map, saliency_panel
+from counterwarp.nn.classifier import last_conv_layer
+from counterwarp.runs import load_run_classifier, model_shape
+from counterwarp.train.common import choose_device
+from counterwarp.workflows import _inputs, _unique_ids
+
+INDEX_NAME = "saliency_index.csv"
+INDEX_COLUMNS = ("id", "path", "label", "method", "file", "panel")
+
+__all__ = ["INDEX_COLUMNS", "INDEX_NAME", "parse_methods", "saliency_run"]
+
+
+def parse_methods(methods: str | Sequence[str]) -> list[str]:
+    """Validate saliency method names; ``"a,b"`` or ``["a", "b"]``; ``"all"`` = every method.
+
+    Names are stripped and lower-cased; duplicates are dropped (first occurrence kept).
+
+    Returns:
+        the method names in the order given (``SALIENCY_METHODS`` order for ``all``).
+
+    Raises:
+        CounterwarpError: no name, or a name that is not a saliency method (the message
+            lists the valid ones).
+    """
+    if isinstance(methods, str):
+        names = methods.split(",")
+    elif isinstance(methods, Sequence):
+        names = [part for item in methods for part in str(item).split(",")]
+    else:
+        raise CounterwarpError(
+            f"--method must be a name or a list of names, got {type(methods).__name__}"
+        )
+    names = [name.strip().lower() for name in names if name.strip()]
+    valid = ", ".join(SALIENCY_METHODS)
+    if not names:
+        raise CounterwarpError(f"--method: give at least one of: {valid} (or 'all')")
+    if "all" in names:
+        return list(SALIENCY_METHODS)
+    unknown = [name for name in names if name not in SALIENCY_METHODS]
+    if unknown:
+        raise CounterwarpError(
+            f"--method: unknown saliency method(s) {', '.join(map(repr, unknown))}; "
+            f"choose from: {valid} (comma-separated), or 'all'"
+        )
+    return list(dict.fromkeys(names))
+
+
+def saliency_run(
+    run: str | Path,
+    out: str | Path,
+    *,
+    methods: str | Sequence[str],
+    manifest: str | Path | None = None,
+    split: str = "test",
+    images: Sequence[str | Path] | None = None,
+    occlusion_patch: int = 4,
+    progress: bool = True,
+    device: str | None = None,
+) -> list[dict[str, Any]]:
+    """Saliency maps of the run's classifier for each image, written as NIfTI and PNG.
+
+    Args:
+        run: run folder holding ``classifier.pt`` (and ``split.json`` when ``manifest`` is
+            given).
+        out: output folder (created once every input has been validated).
+        methods: method names, comma-separated string or list; ``"all"`` = every method in
+            :data:`SALIENCY_METHODS`. Grad-CAM uses the classifier's last convolution.
+        manifest: CSV of images; its rows in the ``split`` part(s) of ``RUN/split.json``
+            are explained (a manifest of another cohort is used whole).
+        split: ``train``, ``val``, ``test``, joined with ``+``, or ``all``.
+        images: NIfTI files to explain instead of a manifest.
+        occlusion_patch: occlusion patch edge in model-grid voxels (1 .. smallest model size).
+        progress: show a progress bar (stderr).
+        device: torch device; None = CUDA when available, else CPU.
+
+    Writes:
+        ``OUT/<id>_<method>.nii.gz``: float32 map on the input's grid, with its affine
+        (units: see :mod:`counterwarp.explain.saliency`; model-grid values, not rescaled);
+        ``OUT/<id>_saliency.png``: one panel per image with all methods;
+        ``OUT/saliency_index.csv``: the returned rows.
+
+    Returns:
+        one row per image and method: ``id``, ``path`` (input file, absolute), ``label``
+        (manifest label, ``""`` for image files), ``method``, ``file`` (the NIfTI map,
+        absolute), ``panel`` (the image's PNG, absolute).
+
+    Raises:
+        CounterwarpError: unknown method, bad occlusion patch, missing / bad classifier or
+            split, manifest and images both or neither given, unreadable input image, or
+            ``out`` being an existing file. Nothing is written in these cases.
+    """
+    run, out = Path(run).expanduser(), Path(out).expanduser()
+    chosen = parse_methods(methods)
+    if out.exists() and not out.is_dir():
+        raise CounterwarpError(f"--out {out} exists and is not a folder; choose a folder path")
+    model, payload = load_run_classifier(run)
+    shape = model_shape(payload)
+    if "occlusion" in chosen:
+        patch = occlusion_patch
+        if isinstance(patch, bool) or not isinstance(patch, int) or not 1 <= patch <= min(shape):
+            raise CounterwarpError(
+                f"--occlusion-patch must be an integer between 1 and {min(shape)} (the smallest "
+                f"side of the model grid {shape}), got {occlusion_patch!r}"
+            )
+    inputs = _inputs(
+        run, manifest, split, list(images) if images else None, payload.get("positive_label")
+    )
+    # Validate (and load) every input before writing anything.
+    loaded = [load_model_input(item.path, shape) for item in inputs]
+    ids = _unique_ids(inputs)
+    torch_device = choose_device(device)
+    model.to(torch_device)
+    target_layer = last_conv_layer(model) if "gradcam" in chosen else None
+
+    out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    bar = tqdm(total=len(inputs) * len(chosen), desc="saliency", disable=not progress)
+    for item, id_, (tensor, volume) in zip(inputs, ids, loaded, strict=True):
+        batch = tensor.unsqueeze(0).to(torch_device)  # (1, 1, *S) z-scored, model grid
+        maps = {}
+        for method in chosen:
+            bar.set_postfix_str(f"{id_} {method}", refresh=False)
+            attribution = saliency_map(
+                model, batch, method, target_layer=target_layer, occlusion_patch=occlusion_patch
+            )
+            maps[method] = attribution[0].cpu().numpy()  # (*S) float32, model grid
+            bar.update()
+        panel = out / f"{id_}_saliency.png"
+        for method, values in maps.items():
+            file = out / f"{id_}_{method}.nii.gz"
+            save_on_input_grid(file, values, volume)
+            rows.append(
+                {
+                    "id": id_,
+                    "path": str(item.path),
+                    "label": "" if item.label is None else item.label,
+                    "method": method,
+                    "file": str(file.resolve()),
+                    "panel": str(panel.resolve()),
+                }
+            )
+        saliency_panel(tensor[0].numpy(), maps, panel, title=f"{id_}: saliency of the logit")
+    bar.close()
+    write_index_csv(out / INDEX_NAME, rows)
+    return rows
+
+
+def write_index_csv(path: Path, rows: list[dict[str, Any]]) -> Path:
+    """Write the saliency index (:data:`INDEX_COLUMNS`, one line per row) atomically."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=INDEX_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return write_text_atomic(path, buffer.getvalue())
