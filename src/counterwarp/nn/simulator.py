@@ -1,0 +1,337 @@
+"""The simulator network: a conditional U-Net that predicts a deformation per direction.
+
+``SimulatorNet(x, c)`` returns a dense field ``(B, d, *S)`` in voxels for images ``x`` and
+directions ``c`` in {-1, +1} (+1 inject the disease pattern, -1 remove it). Every
+convolution is a :class:`~counterwarp.nn.condconv.CondConv`, so ``c`` changes every layer's
+kernel (and it enters the bottleneck), coupling both simulators in one set of weights
+(Liu et al., IPMI 2021; see ``METHOD.md``).
+
+Architecture, for ``channels = (c0, c1, ..., cL)`` and ``n`` resolution levels::
+
+    inlet     CondConv 1 -> c0                                  at S
+    down[i]   BN, LeakyReLU(0.1), MaxPool(2), CondConv c_i -> c_{i+1}   (i = 0..n-1)
+    bottleneck  flatten -> FC -> latent -> ReLU -> concat c -> FC -> reshape
+    up[i]     CondConv c_{i+1} -> c_i, BN, LeakyReLU(0.1), Upsample(2), + skip   (i = n-1..0)
+    head      CondConv c0 -> d, zero-initialised (the field starts at exactly 0)
+
+The depth ``n`` is sized from ``input_shape``: the largest ``n <= len(channels) - 1`` such
+that every spatial size is divisible by ``2**n`` and ``size / 2**n >= 2``. At 32^3 that is
+4 levels down to 2^3, at 64^3 4 levels down to 4^3 (the reference), at 16^3 3 levels.
+Shapes that are odd cannot be pooled at all and are rejected: pad or crop images to a
+multiple of 16 first. The bottleneck FC has ``cn * prod(S / 2**n)`` inputs (1024 at 64^3).
+
+Deviation from ``METHOD.md``: the ReLU is applied to the latent code *before* ``c`` is
+concatenated, so ``c = -1`` is not clipped to 0.
+
+BatchNorm runs in batch-statistics mode while training, including when the simulator is
+applied a second time to the simulated images in the cycle; that is intended.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from counterwarp.errors import CounterwarpError
+from counterwarp.nn.condconv import ROUTINGS, CondConv
+from counterwarp.nn.warp import integrate_velocity
+
+Field = Literal["displacement", "velocity"]
+FIELDS: tuple[str, ...] = ("displacement", "velocity")
+
+_BATCHNORM = {2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+_MAXPOOL = {2: nn.MaxPool2d, 3: nn.MaxPool3d}
+_UPSAMPLE_MODE = {2: "bilinear", 3: "trilinear"}
+_LEAK = 0.1
+
+
+def num_levels(input_shape: tuple[int, ...], max_levels: int) -> int:
+    """Number of 2x poolings the U-Net applies to an image of ``input_shape``.
+
+    The largest ``n <= max_levels`` with every ``size % 2**n == 0`` and ``size // 2**n >= 2``.
+    """
+    n = 0
+    while n < max_levels:
+        step = 2 ** (n + 1)
+        if not all(s % step == 0 and s // step >= 2 for s in input_shape):
+            break
+        n += 1
+    return n
+
+
+class DownBlock(nn.Module):
+    """BN, LeakyReLU(0.1), MaxPool(2), CondConv: ``(B, C_in, *S) -> (B, C_out, *S/2)``."""
+
+    def __init__(self, in_channels: int, out_channels: int, dim: int, **condconv: Any) -> None:
+        super().__init__()
+        self.norm = _BATCHNORM[dim](in_channels)
+        self.act = nn.LeakyReLU(_LEAK)
+        self.pool = _MAXPOOL[dim](2)
+        self.conv = CondConv(in_channels, out_channels, dim=dim, **condconv)
+
+    def forward(self, x: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        return self.conv(self.pool(self.act(self.norm(x))), condition)
+
+
+class UpBlock(nn.Module):
+    """CondConv, BN, LeakyReLU(0.1), Upsample(2): ``(B, C_in, *S) -> (B, C_out, *2S)``."""
+
+    def __init__(self, in_channels: int, out_channels: int, dim: int, **condconv: Any) -> None:
+        super().__init__()
+        self.conv = CondConv(in_channels, out_channels, dim=dim, **condconv)
+        self.norm = _BATCHNORM[dim](out_channels)
+        self.act = nn.LeakyReLU(_LEAK)
+        self.up = nn.Upsample(scale_factor=2, mode=_UPSAMPLE_MODE[dim], align_corners=False)
+
+    def forward(self, x: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        return self.up(self.act(self.norm(self.conv(x, condition))))
+
+
+class ConditionalBottleneck(nn.Module):
+    """Fully connected bottleneck that mixes in the condition.
+
+    ``(B, C, *S) -> flatten -> FC -> (B, latent) -> ReLU -> concat c -> FC -> (B, C, *S)``.
+    """
+
+    def __init__(self, channels: int, spatial_shape: tuple[int, ...], latent_dim: int) -> None:
+        super().__init__()
+        self.shape = (channels, *spatial_shape)
+        flat = channels * math.prod(spatial_shape)
+        self.encode = nn.Linear(flat, latent_dim)
+        self.act = nn.ReLU()
+        self.decode = nn.Linear(latent_dim + 1, flat)
+
+    def forward(self, x: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        """``x``: ``(B, C, *S)``; ``condition``: ``(B,)``. Returns ``(B, C, *S)``."""
+        z = self.act(self.encode(x.flatten(1)))
+        z = torch.cat([z, condition[:, None].to(z.dtype)], dim=1)
+        return self.decode(z).reshape(x.shape[0], *self.shape)
+
+
+def _int_tuple(name: str, value: Any, min_len: int, max_len: int, minimum: int) -> tuple[int, ...]:
+    if not isinstance(value, (list, tuple)) or not min_len <= len(value) <= max_len:
+        raise CounterwarpError(
+            f"SimulatorNet: {name} must be a list of {min_len} to {max_len} integers, "
+            f"got {value!r}."
+        )
+    for v in value:
+        if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+            raise CounterwarpError(
+                f"SimulatorNet: every entry of {name} must be an integer >= {minimum}, "
+                f"got {value!r}."
+            )
+    return tuple(value)
+
+
+def _positive_int(name: str, value: Any, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise CounterwarpError(
+            f"SimulatorNet: {name} must be an integer >= {minimum}, got {value!r}."
+        )
+    return value
+
+
+def _validated(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Check and normalise a simulator config; raise :class:`CounterwarpError` if invalid."""
+    out = dict(cfg)
+    shape = _int_tuple("input_shape", cfg["input_shape"], 2, 3, 1)
+    channels = _int_tuple("channels", cfg["channels"], 2, 16, 1)
+    out["input_shape"], out["channels"] = shape, channels
+    if cfg["field"] not in FIELDS:
+        raise CounterwarpError(
+            f"SimulatorNet: field must be one of {FIELDS}, got {cfg['field']!r}."
+        )
+    if cfg["routing"] not in ROUTINGS:
+        raise CounterwarpError(
+            f"SimulatorNet: routing must be one of {ROUTINGS}, got {cfg['routing']!r}."
+        )
+    out["latent_dim"] = _positive_int("latent_dim", cfg["latent_dim"])
+    out["num_experts"] = _positive_int("num_experts", cfg["num_experts"])
+    out["integration_steps"] = _positive_int("integration_steps", cfg["integration_steps"])
+    m = cfg["max_displacement"]
+    if m is not None:
+        if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0 < m < math.inf:
+            raise CounterwarpError(
+                f"SimulatorNet: max_displacement must be None or a positive number of voxels, "
+                f"got {m!r}."
+            )
+        out["max_displacement"] = float(m)
+    p = cfg["routing_dropout"]
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
+        raise CounterwarpError(f"SimulatorNet: routing_dropout must be in [0, 1), got {p!r}.")
+    out["routing_dropout"] = float(p)
+    if num_levels(shape, len(channels) - 1) < 1:
+        raise CounterwarpError(
+            f"SimulatorNet: input_shape {list(shape)} cannot be pooled by 2 (every size must be "
+            "even and >= 4). Pad or crop images to a multiple of 16 voxels per axis."
+        )
+    return out
+
+
+class SimulatorNet(nn.Module):
+    """Conditional U-Net predicting a displacement or stationary velocity field.
+
+    Args:
+        input_shape: spatial shape ``S`` of the images, 2 or 3 entries (2D or 3D network).
+        field: ``"displacement"`` (the output is ``u`` itself) or ``"velocity"`` (the output
+            is a stationary velocity ``v``; ``u = exp(v)`` is diffeomorphic and
+            ``exp(-v)`` its exact inverse).
+        channels: ``(c0, c1, ..., cL)``: inlet width, then one width per resolution level;
+            at most ``L`` levels are used (see :func:`num_levels`).
+        latent_dim: width of the fully connected bottleneck code.
+        num_experts: experts per CondConv layer.
+        routing: CondConv routing, ``"features+condition"`` or ``"condition"``.
+        integration_steps: scaling-and-squaring steps for ``field="velocity"``.
+        max_displacement: if set, the raw field is soft-clipped to
+            ``m * tanh(field / m)`` voxels per component.
+        routing_dropout: dropout on every CondConv routing input (training only).
+    """
+
+    def __init__(
+        self,
+        input_shape: tuple[int, ...],
+        field: Field = "displacement",
+        channels: tuple[int, ...] = (16, 32, 64, 16, 16),
+        latent_dim: int = 512,
+        num_experts: int = 3,
+        routing: str = "features+condition",
+        integration_steps: int = 7,
+        max_displacement: float | None = None,
+        routing_dropout: float = 0.1,
+    ) -> None:
+        super().__init__()
+        cfg = _validated(
+            dict(
+                input_shape=input_shape,
+                field=field,
+                channels=channels,
+                latent_dim=latent_dim,
+                num_experts=num_experts,
+                routing=routing,
+                integration_steps=integration_steps,
+                max_displacement=max_displacement,
+                routing_dropout=routing_dropout,
+            )
+        )
+        self._cfg = cfg
+        self.input_shape: tuple[int, ...] = cfg["input_shape"]
+        self.field: str = cfg["field"]
+        self.integration_steps: int = cfg["integration_steps"]
+        self.max_displacement: float | None = cfg["max_displacement"]
+        dim = self.dim = len(self.input_shape)
+        ch = cfg["channels"]
+        self.levels = num_levels(self.input_shape, len(ch) - 1)
+        cc = dict(
+            num_experts=cfg["num_experts"],
+            routing=cfg["routing"],
+            routing_dropout=cfg["routing_dropout"],
+        )
+
+        self.inlet = CondConv(1, ch[0], dim=dim, **cc)
+        self.down = nn.ModuleList(
+            DownBlock(ch[i], ch[i + 1], dim, **cc) for i in range(self.levels)
+        )
+        coarse = tuple(s // 2**self.levels for s in self.input_shape)
+        self.bottleneck = ConditionalBottleneck(ch[self.levels], coarse, cfg["latent_dim"])
+        # up[i] maps level i+1 back to level i; applied from the deepest level upwards
+        self.up = nn.ModuleList(UpBlock(ch[i + 1], ch[i], dim, **cc) for i in range(self.levels))
+        self.head = CondConv(ch[0], dim, dim=dim, zero_init=True, **cc)
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """JSON-able constructor arguments; ``SimulatorNet.from_config(net.config)`` rebuilds."""
+        cfg = dict(self._cfg)
+        cfg["input_shape"] = list(cfg["input_shape"])
+        cfg["channels"] = list(cfg["channels"])
+        return cfg
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any]) -> SimulatorNet:
+        """Build from a config dict (e.g. read from JSON), validating it first.
+
+        Missing keys take the constructor defaults except ``input_shape``, which is required.
+        Raises :class:`CounterwarpError` for unknown keys or invalid values.
+        """
+        if not isinstance(cfg, dict):
+            raise CounterwarpError(f"SimulatorNet config must be a dict, got {type(cfg).__name__}.")
+        known = set(_DEFAULTS) | {"input_shape"}
+        unknown = sorted(set(cfg) - known)
+        if unknown:
+            raise CounterwarpError(
+                f"SimulatorNet config has unknown keys {unknown}; known keys: {sorted(known)}."
+            )
+        if "input_shape" not in cfg:
+            raise CounterwarpError("SimulatorNet config needs 'input_shape' (e.g. [64, 64, 64]).")
+        full = _validated({**_DEFAULTS, **cfg})
+        return cls(**full)
+
+    def forward(self, x: torch.Tensor, condition: torch.Tensor | float) -> torch.Tensor:
+        """Predict the raw field.
+
+        Args:
+            x: ``(B, 1, *S)`` images (z-scored, background 0), ``S == input_shape``.
+            condition: ``(B,)`` directions in {-1, +1} (+1 inject, -1 remove), or a scalar
+                applied to the whole batch.
+
+        Returns:
+            ``(B, d, *S)`` displacement (``field="displacement"``) or stationary velocity
+            (``field="velocity"``), in voxels; channel ``i`` moves along spatial axis ``i``.
+            Exactly zero at initialisation.
+        """
+        expected = (1, *self.input_shape)
+        if x.ndim != self.dim + 2 or tuple(x.shape[1:]) != expected:
+            raise CounterwarpError(
+                f"SimulatorNet expects images of shape (B, {', '.join(map(str, expected))}), "
+                f"got {tuple(x.shape)}. Resample the images to the simulator's input_shape."
+            )
+        c = torch.as_tensor(condition, dtype=x.dtype, device=x.device)
+        if c.ndim == 0:
+            c = c.expand(x.shape[0])
+        if c.shape != (x.shape[0],):
+            raise ValueError(f"condition must have shape ({x.shape[0]},), got {tuple(c.shape)}.")
+
+        h = self.inlet(x, c)
+        skips = [h]
+        for block in self.down:
+            h = block(h, c)
+            skips.append(h)
+        h = self.bottleneck(skips.pop(), c)
+        for block in reversed(self.up):
+            h = block(h, c) + skips.pop()
+        out = self.head(h, c)
+        if self.max_displacement is not None:
+            m = self.max_displacement
+            out = m * torch.tanh(out / m)
+        return out
+
+    def displacements(self, raw_field: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Turn the network output into displacements.
+
+        Args:
+            raw_field: ``(B, d, *S)`` output of :meth:`forward`, in voxels.
+
+        Returns:
+            ``(u, u_inverse)``, both ``(B, d, *S)`` in voxels. For ``field="displacement"``:
+            ``(raw_field, None)`` (no exact inverse). For ``field="velocity"``:
+            ``(exp(v), exp(-v))`` by scaling and squaring; warping with ``u`` and then with
+            ``u_inverse`` returns (up to interpolation) the original image.
+        """
+        if self.field == "displacement":
+            return raw_field, None
+        steps = self.integration_steps
+        return integrate_velocity(raw_field, steps), integrate_velocity(-raw_field, steps)
+
+
+_DEFAULTS: dict[str, Any] = {
+    "field": "displacement",
+    "channels": [16, 32, 64, 16, 16],
+    "latent_dim": 512,
+    "num_experts": 3,
+    "routing": "features+condition",
+    "integration_steps": 7,
+    "max_displacement": None,
+    "routing_dropout": 0.1,
+}
