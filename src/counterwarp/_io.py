@@ -66,3 +66,58 @@ def save_nifti_atomic(path: str | os.PathLike[str], image: Any) -> Path:
     with atomic_path(path) as tmp:
         nib.save(image, tmp)
     return Path(path)
+
+
+LOCK_NAME = ".counterwarp.lock"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike[str], what: str = "this folder") -> Iterator[Path]:
+    """Hold ``folder/.counterwarp.lock`` while writing into ``folder``.
+
+    A second process that tries to write the same folder is refused with a
+    :class:`~counterwarp.errors.CounterwarpError` instead of interleaving its files. A lock
+    left behind by a killed process (its pid no longer runs) is taken over.
+    """
+    from counterwarp.errors import CounterwarpError
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = folder / LOCK_NAME
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                holder = int(lock.read_text(encoding="utf-8").split()[0])
+            except (OSError, ValueError, IndexError):
+                holder = -1
+            if holder > 0 and holder != os.getpid() and _pid_alive(holder):
+                raise CounterwarpError(
+                    f"{folder} is in use by another counterwarp process (pid {holder}) "
+                    f"writing {what}; wait for it to finish, or delete {lock} if that "
+                    f"process is gone"
+                ) from None
+            with contextlib.suppress(FileNotFoundError):
+                lock.unlink()  # stale lock of a killed process
+            continue
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(f"{os.getpid()}\n")
+        break
+    else:
+        raise CounterwarpError(f"could not take the lock {lock}; delete it and retry")
+    try:
+        yield lock
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            lock.unlink()

@@ -54,6 +54,60 @@ def _cmd_train_classifier(args: argparse.Namespace) -> None:
     print(f"wrote {Path(args.out) / 'classifier.pt'}, classifier_metrics.json, split.json")
 
 
+def _fit_settings(args: argparse.Namespace) -> dict:
+    names = ("field", "steps", "batch_size", "lr", "schedule", "margin", "margin_sd",
+             "w_cycle", "w_smooth", "smooth_kind", "w_magnitude", "num_experts", "routing",
+             "checkpoint_every", "seed")
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+
+
+def _cmd_fit(args: argparse.Namespace) -> None:
+    from counterwarp.workflows import fit_run
+
+    summary = fit_run(
+        args.manifest, args.run, split=args.split, resume=args.resume, device=args.device,
+        **_fit_settings(args),
+    )
+    final = summary["final_step"]
+    print(
+        f"simulator fitted on {summary['n_images']} images; margin {summary['margin']:.3f} "
+        f"({summary['margin_rule']}); last step: moved share {final.get('moved_share', 0):.2f}"
+    )
+    print(f"wrote {Path(args.run) / 'simulator.pt'}, simulator_fit.json, simulator_log.csv")
+
+
+def _cmd_explain(args: argparse.Namespace) -> None:
+    from counterwarp.workflows import explain_run
+
+    rows = explain_run(
+        args.run, args.out, manifest=args.manifest, split=args.split, images=args.images,
+        direction=args.direction,
+    )
+    moved = sum(bool(r["moved_by_margin"]) for r in rows)
+    print(f"explained {len(rows)} image-direction pairs; {moved} moved past the margin")
+    print(f"wrote NIfTI maps, PNG panels and summary.csv to {Path(args.out)}")
+
+
+def _cmd_saliency(args: argparse.Namespace) -> None:
+    from counterwarp.explain.saliency_run import saliency_run
+
+    rows = saliency_run(
+        args.run, args.out, methods=args.method, manifest=args.manifest, split=args.split,
+        images=args.images, occlusion_patch=args.occlusion_patch, device=args.device,
+    )
+    n_images = len({r["id"] for r in rows})
+    n_methods = len({r["method"] for r in rows})
+    print(f"saliency: {n_images} images x {n_methods} methods")
+    print(f"wrote <id>_<method>.nii.gz maps, <id>_saliency.png panels and saliency_index.csv "
+          f"to {Path(args.out)}")
+
+
+def _cmd_demo(args: argparse.Namespace) -> None:
+    from counterwarp.demo import run_demo
+
+    run_demo(args.out, quick=args.quick)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="counterwarp",
@@ -71,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--diseased-fraction", type=float, default=0.5)
     p.add_argument("--effect", type=float, default=1.0, help="strength of the disease effect")
     p.add_argument("--effect-spec", type=Path, default=None,
-                   help="JSON file describing the effect regions (default: ventricles + hippocampi)")
+                   help="JSON file of effect regions (default: ventricles + hippocampi)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_synth)
 
@@ -87,6 +141,60 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--positive-label", default=None,
                    help="label value meaning 'diseased' when labels are strings")
     p.set_defaults(func=_cmd_train_classifier)
+
+    p = sub.add_parser("fit", help="fit the conditional warping simulator for a run's classifier")
+    p.add_argument("--manifest", required=True, type=Path)
+    p.add_argument("--run", required=True, type=Path, help="run folder with classifier.pt")
+    p.add_argument("--split", default="train+val",
+                   help="which parts of RUN/split.json to train on (default train+val)")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    p.add_argument("--field", choices=("displacement", "velocity"), default=None,
+                   help="displacement field (the paper's) or diffeomorphic velocity field")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--schedule", choices=("joint", "alternating"), default=None)
+    p.add_argument("--margin", type=float, default=None,
+                   help="logit margin (default: --margin-sd x sd of training logits)")
+    p.add_argument("--margin-sd", type=float, default=None)
+    p.add_argument("--w-cycle", type=float, default=None)
+    p.add_argument("--w-smooth", type=float, default=None)
+    p.add_argument("--smooth-kind", choices=("l1", "l2", "bending"), default=None)
+    p.add_argument("--w-magnitude", type=float, default=None)
+    p.add_argument("--num-experts", type=int, default=None)
+    p.add_argument("--routing", choices=("features+condition", "condition"), default=None)
+    p.add_argument("--checkpoint-every", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
+    p.set_defaults(func=_cmd_fit)
+
+    p = sub.add_parser("explain", help="simulated images and volume-change maps per image")
+    p.add_argument("--run", required=True, type=Path)
+    p.add_argument("--manifest", type=Path, default=None)
+    p.add_argument("--split", default="test", help="part of the split to explain (default test)")
+    p.add_argument("images", nargs="*", type=Path, help="NIfTI images (instead of --manifest)")
+    p.add_argument("--direction", choices=("remove", "inject", "both"), default="both")
+    p.add_argument("--out", required=True, type=Path)
+    p.set_defaults(func=_cmd_explain)
+
+    p = sub.add_parser("saliency", help="classic saliency maps (Captum) of the run's classifier")
+    p.add_argument("--run", required=True, type=Path, help="run folder with classifier.pt")
+    p.add_argument("--method", required=True,
+                   help="comma-separated: gradient, gradient_x_input, integrated_gradients, "
+                        "smoothgrad, guided_backprop, gradcam, occlusion; or 'all'")
+    p.add_argument("--manifest", type=Path, default=None)
+    p.add_argument("--split", default="test", help="part of the split to explain (default test)")
+    p.add_argument("images", nargs="*", type=Path, help="NIfTI images (instead of --manifest)")
+    p.add_argument("--occlusion-patch", type=int, default=4,
+                   help="occlusion patch edge in model-grid voxels (default 4)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
+    p.add_argument("--out", required=True, type=Path)
+    p.set_defaults(func=_cmd_saliency)
+
+    p = sub.add_parser("demo", help="synth -> train-classifier -> fit -> explain, embedded data")
+    p.add_argument("--out", type=Path, default=Path("runs/demo"))
+    p.add_argument("--quick", action="store_true", help="2D, small: ends within 2 minutes")
+    p.set_defaults(func=_cmd_demo)
     return parser
 
 

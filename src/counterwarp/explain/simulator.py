@@ -1,0 +1,249 @@
+"""The public simulator API: ``Simulator.fit(classifier, data)`` and ``sim.explain(x, direction)``.
+
+scikit-learn style: settings in the constructor, ``fit`` returns the fitted object. Captum
+style: ``explain`` takes a batch of images and returns tensors of matching shapes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from counterwarp._io import save_torch_atomic
+from counterwarp.errors import CounterwarpError
+from counterwarp.explain.volume import folding_fraction, log_volume_change
+from counterwarp.losses import moved_by_margin
+from counterwarp.nn.simulator import SimulatorNet
+from counterwarp.train.simulator import (
+    FitConfig,
+    classifier_logits,
+    fit_simulator,
+    freeze,
+    simulate,
+)
+
+SIMULATOR_FORMAT = "counterwarp.simulator_model"
+SIMULATOR_VERSION = 1
+DIRECTIONS = {"inject": 1.0, "remove": -1.0}
+
+
+@dataclass
+class Explanation:
+    """What the simulator says about a batch of B images in one direction.
+
+    Attributes:
+        direction: "inject" (more diseased) or "remove" (healthier).
+        image: (B, 1, *S) the input images.
+        simulated: (B, 1, *S) the images warped by the simulator.
+        displacement: (B, d, *S) pull-back displacement in voxels (channel i along dim i).
+        log_volume_change: (B, *S) log volume change of the anatomy (growth > 0), in the
+            input image's space.
+        logit_before, logit_after: (B,) classifier logits of input and simulated image.
+        moved: (B,) bool, logit moved past the margin in the asked direction.
+        folding: (B,) share of voxels where the deformation folds (det <= 0).
+        margin: the logit margin the simulator was trained with.
+    """
+
+    direction: str
+    image: torch.Tensor
+    simulated: torch.Tensor
+    displacement: torch.Tensor
+    log_volume_change: torch.Tensor
+    logit_before: torch.Tensor
+    logit_after: torch.Tensor
+    moved: torch.Tensor
+    folding: torch.Tensor
+    margin: float
+
+
+def _as_image_tensor(data: Any) -> torch.Tensor:
+    """Turn a tensor (N, 1, *S) or a Dataset of (image, label) into an (N, 1, *S) tensor."""
+    if isinstance(data, torch.Tensor):
+        images = data
+    elif isinstance(data, Dataset) or hasattr(data, "__getitem__"):
+        items = [data[i] for i in range(len(data))]  # type: ignore[arg-type]
+        images = torch.stack([item[0] if isinstance(item, (tuple, list)) else item
+                              for item in items])
+    else:
+        raise CounterwarpError(
+            f"training data must be a tensor (N, 1, *S) or a dataset of (image, label), got "
+            f"{type(data).__name__}"
+        )
+    if images.ndim not in (4, 5) or images.shape[1] != 1:
+        raise CounterwarpError(
+            f"images must have shape (N, 1, *S) with 2 or 3 spatial dims, got "
+            f"{tuple(images.shape)}"
+        )
+    return images.float()
+
+
+class Simulator:
+    """A conditional warping simulator that explains a binary image classifier.
+
+    Args:
+        **settings: any field of :class:`counterwarp.train.simulator.FitConfig`
+            (``field``, ``steps``, ``batch_size``, ``lr``, ``margin``, ``w_smooth`` ...).
+
+    Example:
+        >>> sim = Simulator(steps=400).fit(classifier, train_images)
+        >>> explanation = sim.explain(test_images, "remove")
+        >>> explanation.log_volume_change.shape  # (B, *S)
+    """
+
+    def __init__(self, **settings: Any) -> None:
+        self.config = FitConfig.from_dict(settings)
+        self.net_: SimulatorNet | None = None
+        self.classifier_: nn.Module | None = None
+        self.margin_: float | None = None
+        self.logit_mean_: float | None = None
+        self.logit_std_: float | None = None
+        self.history_: list[dict[str, float]] = []
+
+    def fit(
+        self,
+        classifier: nn.Module,
+        data: torch.Tensor | Dataset,
+        *,
+        run_dir: str | Path | None = None,
+        resume: bool = False,
+        progress: bool = True,
+        device: str | torch.device | None = None,
+    ) -> Simulator:
+        """Train the simulator for ``classifier`` on ``data`` and return ``self``.
+
+        ``data`` is a tensor (N, 1, *S) or a dataset of ``(image (1, *S), label)`` items,
+        preprocessed the way the classifier expects. The classifier is frozen.
+        """
+        images = _as_image_tensor(data)
+        result = fit_simulator(
+            classifier, images, self.config, run_dir=run_dir, resume=resume,
+            progress=progress, device=device,
+        )
+        self.net_ = result.net
+        self.classifier_ = classifier
+        self.margin_ = result.margin
+        self.logit_mean_, self.logit_std_ = result.logit_mean, result.logit_std
+        self.history_ = result.history
+        return self
+
+    def _check_fitted(self) -> tuple[SimulatorNet, nn.Module, float]:
+        if self.net_ is None or self.classifier_ is None or self.margin_ is None:
+            raise CounterwarpError("the simulator is not fitted: call fit() or load() first")
+        return self.net_, self.classifier_, self.margin_
+
+    @torch.no_grad()
+    def explain(self, images: torch.Tensor, direction: str = "inject") -> Explanation:
+        """Simulate ``direction`` on ``images`` (B, 1, *S) and measure the change.
+
+        Returns an :class:`Explanation` whose tensors live on the CPU.
+        """
+        net, classifier, margin = self._check_fitted()
+        if direction not in DIRECTIONS:
+            raise CounterwarpError(
+                f"direction {direction!r} is not one of {', '.join(DIRECTIONS)}"
+            )
+        expected = tuple(net.config["input_shape"])
+        if images.ndim != len(expected) + 2 or tuple(images.shape[2:]) != expected:
+            raise CounterwarpError(
+                f"images of shape {tuple(images.shape)} do not match the simulator's input "
+                f"(B, 1, {', '.join(map(str, expected))}); resample them (--shape) first"
+            )
+        device = next(net.parameters()).device
+        net.eval()
+        x = images.float().to(device)
+        condition = torch.full((x.shape[0],), DIRECTIONS[direction], device=device)
+        simulated, displacement, inverse, _ = simulate(net, x, condition)
+        logit_before = classifier_logits(classifier, x).float()
+        logit_after = classifier_logits(classifier, simulated).float()
+        change = log_volume_change(displacement, inverse_displacement=inverse)
+        return Explanation(
+            direction=direction,
+            image=x.cpu(),
+            simulated=simulated.cpu(),
+            displacement=displacement.cpu(),
+            log_volume_change=change.cpu(),
+            logit_before=logit_before.cpu(),
+            logit_after=logit_after.cpu(),
+            moved=moved_by_margin(logit_before, logit_after, condition, margin).cpu(),
+            folding=folding_fraction(displacement).cpu(),
+            margin=margin,
+        )
+
+    @torch.no_grad()
+    def cycle(self, images: torch.Tensor, direction: str = "inject") -> torch.Tensor:
+        """Warp ``images`` (B, 1, *S) in ``direction`` and back again; returns (B, 1, *S).
+
+        The cycle error ``mean((images - cycle(images))**2)`` measures how well the two
+        directions invert each other.
+        """
+        net, _, _ = self._check_fitted()
+        if direction not in DIRECTIONS:
+            raise CounterwarpError(f"direction {direction!r} is not one of {', '.join(DIRECTIONS)}")
+        device = next(net.parameters()).device
+        net.eval()
+        x = images.float().to(device)
+        condition = torch.full((x.shape[0],), DIRECTIONS[direction], device=device)
+        simulated = simulate(net, x, condition)[0]
+        return simulate(net, simulated, -condition)[0].cpu()
+
+    def save(self, path: str | Path) -> Path:
+        """Write the fitted simulator (weights + JSON-able settings) atomically."""
+        net, _, margin = self._check_fitted()
+        payload = {
+            "format": SIMULATOR_FORMAT,
+            "version": SIMULATOR_VERSION,
+            "net_config": net.config,
+            "fit_config": self.config.to_dict(),
+            "margin": margin,
+            "logit_mean": self.logit_mean_,
+            "logit_std": self.logit_std_,
+            "state_dict": net.state_dict(),
+        }
+        return save_torch_atomic(path, payload)
+
+    @classmethod
+    def load(
+        cls, path: str | Path, classifier: nn.Module, map_location: str = "cpu"
+    ) -> Simulator:
+        """Load a simulator saved by :meth:`save` (``weights_only=True``) for ``classifier``."""
+        path = Path(path)
+        try:
+            payload = torch.load(path, map_location=map_location, weights_only=True)
+        except FileNotFoundError:
+            raise CounterwarpError(f"{path}: no simulator here; run `counterwarp fit` first") \
+                from None
+        except Exception as error:  # noqa: BLE001 - any unpickling failure is a bad file
+            raise CounterwarpError(
+                f"{path}: cannot be loaded safely as a simulator ({type(error).__name__}); "
+                f"only weights-only checkpoints written by counterwarp are accepted"
+            ) from None
+        if not isinstance(payload, dict) or payload.get("format") != SIMULATOR_FORMAT:
+            raise CounterwarpError(f"{path}: not a counterwarp simulator file")
+        if payload.get("version") != SIMULATOR_VERSION:
+            raise CounterwarpError(
+                f"{path}: simulator file version {payload.get('version')!r}, this counterwarp "
+                f"reads version {SIMULATOR_VERSION}; re-run `counterwarp fit`"
+            )
+        margin = payload.get("margin")
+        if not isinstance(margin, float) or not margin > 0:
+            raise CounterwarpError(f"{path}: invalid margin {margin!r} in simulator file")
+        simulator = cls(**payload["fit_config"])
+        net = SimulatorNet.from_config(payload["net_config"])
+        try:
+            net.load_state_dict(payload["state_dict"])
+        except (RuntimeError, KeyError, TypeError) as error:
+            raise CounterwarpError(
+                f"{path}: weights do not match the stored architecture ({error})"
+            ) from None
+        net.eval()
+        simulator.net_ = net
+        simulator.classifier_ = freeze(classifier)
+        simulator.margin_ = margin
+        simulator.logit_mean_ = payload.get("logit_mean")
+        simulator.logit_std_ = payload.get("logit_std")
+        return simulator

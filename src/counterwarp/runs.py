@@ -1,0 +1,96 @@
+"""Run folders: what one analysis wrote, and how the commands find it again.
+
+A run folder holds ``classifier.pt``, ``split.json`` (subject-level train/val/test parts),
+``simulator.pt``, logs, metrics and outputs. These helpers read it back with clear errors.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from counterwarp.data.manifest import ManifestDataset, ManifestRow, read_manifest
+from counterwarp.errors import CounterwarpError
+from counterwarp.nn.classifier import Classifier, load_classifier
+
+SPLIT_PARTS = ("train", "val", "test")
+
+
+def load_run_classifier(
+    run: str | Path, map_location: str | torch.device = "cpu"
+) -> tuple[Classifier, dict[str, Any]]:
+    """The classifier of a run folder (eval mode) and its checkpoint payload."""
+    return load_classifier(Path(run) / "classifier.pt", map_location=map_location)
+
+
+def model_shape(payload: dict[str, Any]) -> tuple[int, ...]:
+    """The spatial shape (voxels) the run's classifier takes."""
+    return tuple(int(n) for n in payload["config"]["input_shape"])
+
+
+def read_split(run: str | Path) -> dict[str, Any]:
+    """``RUN/split.json`` as a dict; a clear error when the run has none."""
+    path = Path(run) / "split.json"
+    if not path.is_file():
+        raise CounterwarpError(
+            f"{path} not found: run `counterwarp train-classifier --manifest M --out {run}` "
+            f"first (it writes the subject-level split)"
+        )
+    try:
+        split = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as error:
+        raise CounterwarpError(f"{path}: unreadable split file ({error})") from None
+    for part in SPLIT_PARTS:
+        if not isinstance(split.get(part), list):
+            raise CounterwarpError(f"{path}: missing the {part!r} part; retrain the classifier")
+    return split
+
+
+def parse_parts(parts: str) -> tuple[str, ...]:
+    """``"train+val"`` -> ``("train", "val")``; ``"all"`` -> every part."""
+    names = SPLIT_PARTS if parts == "all" else tuple(p for p in parts.split("+") if p)
+    unknown = [p for p in names if p not in SPLIT_PARTS]
+    if unknown or not names:
+        raise CounterwarpError(
+            f"--split {parts!r}: use one of train, val, test, joined with '+', or 'all'"
+        )
+    return names
+
+
+def rows_in_split(
+    run: str | Path,
+    manifest: str | Path,
+    parts: str,
+    positive_label: str | None = None,
+) -> list[ManifestRow]:
+    """The manifest rows that belong to ``parts`` of the run's split (matched by file path).
+
+    A manifest whose files are not in the split at all (another cohort) is used whole,
+    since none of its subjects can have trained the classifier.
+    """
+    rows = read_manifest(manifest, positive_label=positive_label)
+    split = read_split(run)
+    wanted = {str(Path(item["path"]).resolve()) for p in parse_parts(parts) for item in split[p]}
+    known = {str(Path(item["path"]).resolve()) for p in SPLIT_PARTS for item in split[p]}
+    if not any(str(row.path) in known for row in rows):
+        return rows
+    selected = [row for row in rows if str(row.path) in wanted]
+    if not selected:
+        raise CounterwarpError(
+            f"no row of {manifest} belongs to the {parts!r} part of {Path(run) / 'split.json'}"
+        )
+    return selected
+
+
+def load_images(
+    rows: list[ManifestRow], shape: tuple[int, ...], progress: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Preprocessed images (N, 1, *shape) and labels (N,) of ``rows``, as the classifier saw."""
+    dataset = ManifestDataset(rows, shape=shape, cache=True)
+    dataset.preload(progress=progress)
+    images = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    labels = torch.tensor([float(row.label) for row in rows])
+    return images, labels

@@ -1,0 +1,517 @@
+"""Training loop of the conditional warping simulator (METHOD.md).
+
+The classifier is frozen (eval mode, ``requires_grad`` off) but gradients flow through it
+into the simulator. Training images are split by the classifier's *own* prediction:
+images it calls diseased teach "remove" (condition -1), images it calls healthy teach
+"inject" (condition +1). Every batch holds both directions, one condition per sample.
+
+Two schedules:
+- ``joint`` (default): one Adam optimiser on
+  ``w_shift * L_shift + w_cycle * L_cycle + w_smooth * L_smooth + w_magnitude * L_magnitude``;
+- ``alternating`` (the paper's): one optimiser steps on the shift and regularisers, a second
+  one (after ``cycle_warmup`` steps) on the cycle loss, on every batch.
+
+Checkpoints (``simulator_checkpoint.pt``) are written atomically every ``checkpoint_every``
+steps and hold the model, the optimisers, the step and every random state, so a resumed run
+reaches the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from counterwarp._io import save_torch_atomic, write_text_atomic
+from counterwarp.errors import CounterwarpError
+from counterwarp.losses import (
+    cycle_loss,
+    displacement_magnitude_loss,
+    logit_shift_loss,
+    moved_by_margin,
+    smoothness_loss,
+)
+from counterwarp.nn.simulator import SimulatorNet
+from counterwarp.nn.warp import warp
+
+CHECKPOINT_NAME = "simulator_checkpoint.pt"
+LOG_NAME = "simulator_log.csv"
+LOG_COLUMNS = (
+    "step", "loss", "shift", "cycle", "smooth", "magnitude", "moved_share", "lr", "seconds",
+)
+INJECT = 1.0
+REMOVE = -1.0
+
+
+@dataclass
+class FitConfig:
+    """Settings of one simulator fit (JSON-able; stored in the checkpoints).
+
+    Weights and defaults were chosen by measurement on the synthetic cohort (see README).
+    ``margin`` in logit units; ``None`` derives it as ``margin_sd`` times the standard
+    deviation of the classifier's logits on the training images.
+    """
+
+    field: str = "displacement"
+    num_experts: int = 3
+    routing: str = "features+condition"
+    channels: tuple[int, ...] = (16, 32, 64, 16, 16)
+    latent_dim: int = 512
+    steps: int = 600
+    batch_size: int = 8
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    schedule: str = "joint"
+    cycle_warmup: int = 20
+    margin: float | None = None
+    margin_sd: float = 1.0
+    w_shift: float = 1.0
+    w_cycle: float = 1.0
+    w_smooth: float = 1.0
+    smooth_kind: str = "l2"
+    w_magnitude: float = 0.1
+    checkpoint_every: int = 50
+    seed: int = 0
+
+    def validate(self) -> None:
+        """Raise :class:`CounterwarpError` naming the first invalid setting."""
+        choices = {
+            "field": ("displacement", "velocity"),
+            "routing": ("features+condition", "condition"),
+            "schedule": ("joint", "alternating"),
+            "smooth_kind": ("l1", "l2", "bending"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise CounterwarpError(
+                    f"{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}"
+                )
+        positive_ints = ("num_experts", "steps", "batch_size", "checkpoint_every", "latent_dim")
+        for name in positive_ints:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise CounterwarpError(f"{name} must be a positive integer, got {value!r}")
+        non_negative = ("w_shift", "w_cycle", "w_smooth", "w_magnitude", "weight_decay")
+        for name in non_negative:
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise CounterwarpError(f"{name} must be a finite number >= 0, got {value!r}")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise CounterwarpError(f"lr must be a positive number, got {self.lr!r}")
+        if self.margin is not None and not (math.isfinite(self.margin) and self.margin > 0):
+            raise CounterwarpError(f"margin must be a positive number, got {self.margin!r}")
+        if not (math.isfinite(self.margin_sd) and self.margin_sd > 0):
+            raise CounterwarpError(f"margin_sd must be a positive number, got {self.margin_sd!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        payload = dataclasses.asdict(self)
+        payload["channels"] = list(self.channels)
+        return payload
+
+    @classmethod
+    def from_dict(cls, payload: dict[str, Any]) -> FitConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(payload) - known)
+        if unknown:
+            raise CounterwarpError(f"unknown simulator settings: {', '.join(unknown)}")
+        values = dict(payload)
+        if "channels" in values:
+            values["channels"] = tuple(int(c) for c in values["channels"])
+        config = cls(**values)
+        config.validate()
+        return config
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit_simulator` returns."""
+
+    net: SimulatorNet
+    config: FitConfig
+    margin: float
+    logit_mean: float
+    logit_std: float
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def classifier_logits(classifier: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Apply ``classifier`` and return logits of shape (B,).
+
+    Accepts any module mapping ``(B, 1, *S)`` to ``(B,)`` or ``(B, 1)``; anything else is a
+    :class:`CounterwarpError` that says what shape was returned.
+    """
+    output = classifier(images)
+    batch = images.shape[0]
+    if not isinstance(output, torch.Tensor):
+        raise CounterwarpError(
+            f"the classifier returned {type(output).__name__}; it must return a tensor of "
+            f"logits with shape (B,) or (B, 1)"
+        )
+    if output.shape == (batch,):
+        return output
+    if output.shape == (batch, 1):
+        return output[:, 0]
+    raise CounterwarpError(
+        f"the classifier returned shape {tuple(output.shape)} for a batch of {batch}; "
+        f"it must return one logit per image, shape ({batch},) or ({batch}, 1)"
+    )
+
+
+def freeze(classifier: nn.Module) -> nn.Module:
+    """Put ``classifier`` in eval mode and turn off its parameters' gradients (in place)."""
+    classifier.eval()
+    for parameter in classifier.parameters():
+        parameter.requires_grad_(False)
+    return classifier
+
+
+@torch.no_grad()
+def predict_in_batches(
+    classifier: nn.Module, images: torch.Tensor, batch_size: int = 32
+) -> torch.Tensor:
+    """Logits (N,) of ``images`` (N, 1, *S), computed in batches without gradients."""
+    device = _module_device(classifier)
+    chunks = [
+        classifier_logits(classifier, images[i : i + batch_size].to(device)).float().cpu()
+        for i in range(0, images.shape[0], batch_size)
+    ]
+    return torch.cat(chunks)
+
+
+def _module_device(module: nn.Module) -> torch.device:
+    for parameter in module.parameters():
+        return parameter.device
+    for buffer in module.buffers():
+        return buffer.device
+    return torch.device("cpu")
+
+
+def simulate(
+    net: SimulatorNet, images: torch.Tensor, condition: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Warp ``images`` (B, 1, *S) in direction ``condition`` (B,) of +-1.
+
+    Returns ``(simulated (B,1,*S), displacement (B,d,*S) voxels, inverse displacement or
+    None, raw field)``.
+    """
+    raw = net(images, condition)
+    displacement, inverse = net.displacements(raw)
+    return warp(images, displacement), displacement, inverse, raw
+
+
+class _LossTerms:
+    """Computes every term of the objective for one batch."""
+
+    def __init__(
+        self, net: SimulatorNet, classifier: nn.Module, config: FitConfig, margin: float
+    ) -> None:
+        self.net = net
+        self.classifier = classifier
+        self.config = config
+        self.margin = margin
+
+    def regulariser(self, displacement: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        smooth = smoothness_loss(displacement, kind=self.config.smooth_kind)
+        magnitude = displacement_magnitude_loss(displacement)
+        return smooth, magnitude
+
+    def forward_terms(
+        self, images: torch.Tensor, condition: torch.Tensor, logit_before: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        simulated, displacement, _, _ = simulate(self.net, images, condition)
+        logit_after = classifier_logits(self.classifier, simulated)
+        smooth, magnitude = self.regulariser(displacement)
+        return {
+            "simulated": simulated,
+            "shift": logit_shift_loss(logit_before, logit_after, condition, self.margin),
+            "smooth": smooth,
+            "magnitude": magnitude,
+            "moved": moved_by_margin(logit_before, logit_after, condition, self.margin),
+        }
+
+    def cycle_terms(
+        self, images: torch.Tensor, simulated: torch.Tensor, condition: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        cycled, back_displacement, _, _ = simulate(self.net, simulated, -condition)
+        smooth, magnitude = self.regulariser(back_displacement)
+        return {"cycle": cycle_loss(images, cycled), "smooth": smooth, "magnitude": magnitude}
+
+
+def _balanced_batch(
+    inject_pool: torch.Tensor, remove_pool: torch.Tensor, batch_size: int,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices and conditions of one batch: half inject, half remove when both exist."""
+    pools = [(p, c) for p, c in ((inject_pool, INJECT), (remove_pool, REMOVE)) if len(p) > 0]
+    per_pool = [batch_size // len(pools)] * len(pools)
+    per_pool[0] += batch_size - sum(per_pool)
+    indices, conditions = [], []
+    for (pool, condition), count in zip(pools, per_pool, strict=True):
+        picks = torch.randint(len(pool), (count,), generator=generator)
+        indices.append(pool[picks])
+        conditions.append(torch.full((count,), condition))
+    return torch.cat(indices), torch.cat(conditions)
+
+
+def _random_state(generator: torch.Generator) -> dict[str, torch.Tensor]:
+    return {"torch": torch.get_rng_state(), "sampler": generator.get_state()}
+
+
+def _restore_random_state(state: dict[str, torch.Tensor], generator: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    generator.set_state(state["sampler"])
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Load a simulator checkpoint with ``weights_only=True`` (never unpickles code)."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CounterwarpError(f"{path}: no such checkpoint") from None
+    except Exception as error:  # noqa: BLE001 - any unpickling failure is a bad file
+        raise CounterwarpError(
+            f"{path}: not a loadable counterwarp checkpoint ({type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else ''}); delete it or re-run "
+            f"without --resume"
+        ) from None
+    if not isinstance(payload, dict) or payload.get("format") != "counterwarp.simulator":
+        raise CounterwarpError(f"{path}: not a counterwarp simulator checkpoint")
+    return payload
+
+
+def _read_log(path: Path, up_to_step: int) -> list[dict[str, float]]:
+    if not path.exists():
+        return []
+    with open(path, newline="", encoding="utf-8") as handle:
+        rows = [
+            {k: float(v) for k, v in row.items()} for row in csv.DictReader(handle)
+            if int(float(row["step"])) <= up_to_step
+        ]
+    return rows
+
+
+def _write_log(path: Path, rows: list[dict[str, float]]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=LOG_COLUMNS)
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: _format(row[k]) for k in LOG_COLUMNS})
+    write_text_atomic(path, buffer.getvalue())
+
+
+def _format(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() and abs(value) < 1e15 else f"{value:.6g}"
+
+
+def fit_simulator(
+    classifier: nn.Module,
+    images: torch.Tensor,
+    config: FitConfig | None = None,
+    *,
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    device: str | torch.device | None = None,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+) -> FitResult:
+    """Train a conditional simulator that injects/removes what ``classifier`` reads as disease.
+
+    Args:
+        classifier: any module mapping (B, 1, *S) to (B,) or (B, 1) logits; frozen here.
+        images: (N, 1, *S) float32 training images, preprocessed as the classifier expects.
+        config: settings (defaults: :class:`FitConfig`).
+        run_dir: folder for checkpoints and the per-step CSV log (None: keep nothing).
+        resume: continue from ``run_dir/simulator_checkpoint.pt`` when it exists.
+        progress: show a tqdm progress bar with the losses and the moved-by-margin share.
+        device: torch device (default: CUDA when available, else CPU).
+        on_step: called after every step with ``(step, logged values)`` (tests, callbacks).
+
+    Returns:
+        A :class:`FitResult` with the trained network (eval mode) and the derived margin.
+    """
+    config = config or FitConfig()
+    config.validate()
+    if images.ndim not in (4, 5) or images.shape[1] != 1:
+        raise CounterwarpError(
+            f"training images must have shape (N, 1, *S) with 2 or 3 spatial dims, got "
+            f"{tuple(images.shape)}"
+        )
+    if images.shape[0] < 2:
+        raise CounterwarpError("need at least 2 training images to fit a simulator")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    classifier = freeze(classifier).to(device)
+    torch.manual_seed(config.seed)
+
+    logits = predict_in_batches(classifier, images)
+    if not torch.isfinite(logits).all():
+        raise CounterwarpError("the classifier returned NaN/Inf logits on the training images")
+    logit_mean, logit_std = float(logits.mean()), float(logits.std())
+    margin = config.margin if config.margin is not None else config.margin_sd * logit_std
+    if not margin > 0:
+        raise CounterwarpError(
+            "the classifier's logits on the training images are constant: cannot derive a "
+            "margin; pass --margin explicitly or check the classifier"
+        )
+    inject_pool = torch.nonzero(logits <= 0).flatten()
+    remove_pool = torch.nonzero(logits > 0).flatten()
+
+    spatial_shape = tuple(images.shape[2:])
+    net = SimulatorNet(
+        spatial_shape,
+        field=config.field,
+        channels=config.channels,
+        latent_dim=config.latent_dim,
+        num_experts=config.num_experts,
+        routing=config.routing,
+    ).to(device)
+    main_opt = torch.optim.Adam(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    cycle_opt = (
+        torch.optim.Adam(net.parameters(), lr=config.lr / 2, weight_decay=config.weight_decay)
+        if config.schedule == "alternating"
+        else None
+    )
+    sampler = torch.Generator().manual_seed(config.seed)
+    start_step = 0
+    run_path = Path(run_dir) if run_dir is not None else None
+    history: list[dict[str, float]] = []
+    if run_path is not None:
+        run_path.mkdir(parents=True, exist_ok=True)
+        checkpoint_path = run_path / CHECKPOINT_NAME
+        if resume and checkpoint_path.exists():
+            state = load_checkpoint(checkpoint_path)
+            saved = FitConfig.from_dict(state["fit_config"])
+            if saved.to_dict() != config.to_dict():
+                raise CounterwarpError(
+                    f"{checkpoint_path} was written with other settings; resume with the same "
+                    f"settings or start a new run folder"
+                )
+            net.load_state_dict(state["state_dict"])
+            main_opt.load_state_dict(state["optimizer"])
+            if cycle_opt is not None:
+                cycle_opt.load_state_dict(state["cycle_optimizer"])
+            _restore_random_state(state["random_state"], sampler)
+            start_step = int(state["step"])
+            history = _read_log(run_path / LOG_NAME, start_step)
+        elif not resume:
+            for stale in (checkpoint_path, run_path / LOG_NAME):
+                stale.unlink(missing_ok=True)
+
+    terms = _LossTerms(net, classifier, config, margin)
+    all_logits = logits.to(device)
+    images_on_device = images.to(device)
+
+    def save_checkpoint(step: int) -> None:
+        if run_path is None:
+            return
+        payload: dict[str, Any] = {
+            "format": "counterwarp.simulator",
+            "step": step,
+            "fit_config": config.to_dict(),
+            "net_config": net.config,
+            "margin": margin,
+            "state_dict": net.state_dict(),
+            "optimizer": main_opt.state_dict(),
+            "random_state": _random_state(sampler),
+        }
+        if cycle_opt is not None:
+            payload["cycle_optimizer"] = cycle_opt.state_dict()
+        save_torch_atomic(run_path / CHECKPOINT_NAME, payload)
+        _write_log(run_path / LOG_NAME, history)
+
+    net.train()
+    bar = tqdm(
+        range(start_step, config.steps), initial=start_step, total=config.steps,
+        desc="fit simulator", disable=not progress, dynamic_ncols=True,
+    )
+    started = time.perf_counter()
+    for step in bar:
+        index, condition = _balanced_batch(
+            inject_pool, remove_pool, config.batch_size, sampler
+        )
+        batch = images_on_device[index]
+        condition = condition.to(device)
+        logit_before = all_logits[index]
+        values = _train_step(terms, config, main_opt, cycle_opt, batch, condition,
+                             logit_before, step)
+        values.update(step=step + 1, lr=config.lr, seconds=time.perf_counter() - started)
+        if not all(math.isfinite(values[k]) for k in ("loss", "shift", "cycle")):
+            raise CounterwarpError(
+                f"the simulator loss became NaN/Inf at step {step + 1}; the last good "
+                f"checkpoint is kept; lower --lr or raise the regularisation weights"
+            )
+        history.append(values)
+        if on_step is not None:
+            on_step(step + 1, values)
+        bar.set_postfix(
+            shift=f"{values['shift']:.3f}", cyc=f"{values['cycle']:.3f}",
+            moved=f"{values['moved_share']:.2f}",
+        )
+        if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
+            save_checkpoint(step + 1)
+    bar.close()
+    net.eval()
+    return FitResult(net, config, margin, logit_mean, logit_std, history)
+
+
+def _train_step(
+    terms: _LossTerms,
+    config: FitConfig,
+    main_opt: torch.optim.Optimizer,
+    cycle_opt: torch.optim.Optimizer | None,
+    images: torch.Tensor,
+    condition: torch.Tensor,
+    logit_before: torch.Tensor,
+    step: int,
+) -> dict[str, float]:
+    """One optimisation step of the chosen schedule; returns the logged loss values."""
+    forward = terms.forward_terms(images, condition, logit_before)
+    if cycle_opt is None:
+        back = terms.cycle_terms(images, forward["simulated"], condition)
+        smooth = (forward["smooth"] + back["smooth"]) / 2
+        magnitude = (forward["magnitude"] + back["magnitude"]) / 2
+        loss = (
+            config.w_shift * forward["shift"] + config.w_cycle * back["cycle"]
+            + config.w_smooth * smooth + config.w_magnitude * magnitude
+        )
+        main_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        main_opt.step()
+        cycle_value = float(back["cycle"].detach())
+    else:
+        smooth, magnitude = forward["smooth"], forward["magnitude"]
+        loss = (
+            config.w_shift * forward["shift"] + config.w_smooth * smooth
+            + config.w_magnitude * magnitude
+        )
+        main_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        main_opt.step()
+        if step >= config.cycle_warmup:
+            simulated = simulate(terms.net, images, condition)[0]
+            back = terms.cycle_terms(images, simulated, condition)
+            cycle_total = config.w_cycle * back["cycle"]
+            cycle_opt.zero_grad(set_to_none=True)
+            cycle_total.backward()
+            cycle_opt.step()
+            cycle_value = float(back["cycle"].detach())
+            loss = loss.detach() + cycle_total.detach()
+        else:
+            cycle_value = float("nan")
+    return {
+        "loss": float(loss.detach()),
+        "shift": float(forward["shift"].detach()),
+        "cycle": cycle_value if math.isfinite(cycle_value) else 0.0,
+        "smooth": float(smooth.detach()),
+        "magnitude": float(magnitude.detach()),
+        "moved_share": float(forward["moved"].float().mean()),
+    }

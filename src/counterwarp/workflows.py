@@ -1,0 +1,229 @@
+"""Run-folder workflows behind ``counterwarp fit`` and ``counterwarp explain``.
+
+Each function reads what earlier commands wrote into the run folder, does one job, writes
+its outputs atomically and returns a summary the CLI prints.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from counterwarp._io import folder_lock, write_json_atomic, write_text_atomic
+from counterwarp.data.preprocess import load_model_input, save_on_input_grid
+from counterwarp.errors import CounterwarpError
+from counterwarp.explain.simulator import Explanation, Simulator
+from counterwarp.report.figures import explanation_panel
+from counterwarp.runs import load_images, load_run_classifier, model_shape, rows_in_split
+
+SIMULATOR_NAME = "simulator.pt"
+FIT_METRICS_NAME = "simulator_fit.json"
+SUMMARY_COLUMNS = (
+    "id", "path", "label", "direction", "logit_before", "logit_after", "probability_before",
+    "probability_after", "logit_shift", "margin", "moved_by_margin", "prediction_flipped",
+    "folding_share", "mean_abs_log_volume_change",
+)
+
+
+def fit_run(
+    manifest: str | Path,
+    run: str | Path,
+    *,
+    split: str = "train+val",
+    resume: bool = False,
+    progress: bool = True,
+    device: str | None = None,
+    **settings: Any,
+) -> dict[str, Any]:
+    """Fit the simulator for the run's classifier on the ``split`` images of ``manifest``.
+
+    Writes ``RUN/simulator.pt``, ``RUN/simulator_fit.json`` (settings, derived margin, final
+    shares), ``RUN/simulator_log.csv`` (every step's losses) and checkpoints.
+    """
+    run = Path(run)
+    classifier, payload = load_run_classifier(run)
+    simulator = Simulator(**settings)  # validates the settings before any work
+    rows = rows_in_split(run, manifest, split, positive_label=payload.get("positive_label"))
+    images, _ = load_images(rows, model_shape(payload), progress=progress)
+    with folder_lock(run, "a simulator"):
+        simulator.fit(
+            classifier, images, run_dir=run, resume=resume, progress=progress, device=device
+        )
+        simulator.save(run / SIMULATOR_NAME)
+        summary = {
+            "manifest": str(Path(manifest).resolve()),
+            "split": split,
+            "n_images": int(images.shape[0]),
+            "margin": simulator.margin_,
+            "margin_rule": (
+                "given" if simulator.config.margin is not None
+                else f"{simulator.config.margin_sd} x sd of training logits"
+            ),
+            "logit_mean": simulator.logit_mean_,
+            "logit_std": simulator.logit_std_,
+            "settings": simulator.config.to_dict(),
+            "final_step": simulator.history_[-1] if simulator.history_ else {},
+        }
+        write_json_atomic(run / FIT_METRICS_NAME, summary)
+    return summary
+
+
+def load_run_simulator(run: str | Path) -> Simulator:
+    """The fitted simulator of a run folder, bound to the run's classifier."""
+    run = Path(run)
+    classifier, _ = load_run_classifier(run)
+    return Simulator.load(run / SIMULATOR_NAME, classifier)
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def image_id(path: Path) -> str:
+    """A file-name-safe id for an image: its name without NIfTI suffixes, sanitised.
+
+    Ids never contain path separators or start with a dot, so outputs stay inside --out.
+    """
+    name = path.name
+    for suffix in (".nii.gz", ".nii"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    cleaned = _UNSAFE.sub("_", name).strip("._") or "image"
+    return cleaned
+
+
+@dataclass
+class ExplainInput:
+    """One image to explain: where it came from and its label if known."""
+
+    path: Path
+    label: int | None
+
+
+def explain_inputs(
+    run: Path, manifest: str | Path | None, split: str, images: list[str | Path] | None,
+    positive_label: str | None,
+) -> list[ExplainInput]:
+    if manifest is not None and images:
+        raise CounterwarpError("give either --manifest or image files, not both")
+    if manifest is not None:
+        rows = rows_in_split(run, manifest, split, positive_label=positive_label)
+        return [ExplainInput(row.path, row.label) for row in rows]
+    if not images:
+        raise CounterwarpError("nothing to explain: give --manifest M or one or more images")
+    return [ExplainInput(Path(p).expanduser().resolve(), None) for p in images]
+
+
+def unique_ids(inputs: list[ExplainInput]) -> list[str]:
+    ids: list[str] = []
+    seen: dict[str, int] = {}
+    for item in inputs:
+        base = image_id(item.path)
+        count = seen.get(base, 0)
+        seen[base] = count + 1
+        ids.append(base if count == 0 else f"{base}_{count + 1}")
+    return ids
+
+
+def explain_run(
+    run: str | Path,
+    out: str | Path,
+    *,
+    manifest: str | Path | None = None,
+    split: str = "test",
+    images: list[str | Path] | None = None,
+    direction: str = "both",
+    panels: bool = True,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Explain images with the run's simulator; write NIfTI maps, PNG panels, summary.csv.
+
+    Per image and direction: ``<id>_<direction>_simulated.nii.gz``,
+    ``<id>_<direction>_displacement.nii.gz`` (vector image, model voxels, last axis = the
+    spatial dim it moves along), ``<id>_<direction>_log_volume_change.nii.gz``, all on the
+    input's grid with the input's affine, and ``<id>_<direction>.png``.
+    """
+    run, out = Path(run), Path(out)
+    directions = ("remove", "inject") if direction == "both" else (direction,)
+    if any(d not in ("remove", "inject") for d in directions):
+        raise CounterwarpError(f"--direction {direction!r}: use remove, inject or both")
+    simulator = load_run_simulator(run)
+    _, payload = load_run_classifier(run)
+    shape = model_shape(payload)
+    inputs = explain_inputs(run, manifest, split, images, payload.get("positive_label"))
+    # Validate every input before writing anything.
+    loaded = [load_model_input(item.path, shape) for item in inputs]
+    ids = unique_ids(inputs)
+    out.mkdir(parents=True, exist_ok=True)
+    summary: list[dict[str, Any]] = []
+    bar = tqdm(total=len(inputs) * len(directions), desc="explain", disable=not progress)
+    for item, image_id_, (tensor, volume) in zip(inputs, ids, loaded, strict=True):
+        for name in directions:
+            explanation = simulator.explain(tensor.unsqueeze(0), name)
+            summary.append(
+                _write_explanation(out, image_id_, item, volume, explanation, panels)
+            )
+            bar.update()
+    bar.close()
+    write_summary_csv(out / "summary.csv", summary)
+    return summary
+
+
+def _write_explanation(
+    out: Path, image_id_: str, item: ExplainInput, volume: Any, explanation: Explanation,
+    panel: bool,
+) -> dict[str, Any]:
+    stem = f"{image_id_}_{explanation.direction}"
+    simulated = explanation.simulated[0, 0].numpy()
+    change = explanation.log_volume_change[0].numpy()
+    displacement = np.moveaxis(explanation.displacement[0].numpy(), 0, -1)
+    save_on_input_grid(out / f"{stem}_simulated.nii.gz", simulated, volume)
+    save_on_input_grid(out / f"{stem}_displacement.nii.gz", displacement, volume)
+    save_on_input_grid(out / f"{stem}_log_volume_change.nii.gz", change, volume)
+    if panel:
+        explanation_panel(
+            explanation.image[0, 0].numpy(), simulated, change, out / f"{stem}.png",
+            title=f"{image_id_}: {explanation.direction} "
+                  f"(logit {float(explanation.logit_before[0]):+.2f} -> "
+                  f"{float(explanation.logit_after[0]):+.2f})",
+        )
+    before, after = float(explanation.logit_before[0]), float(explanation.logit_after[0])
+    brain = explanation.image[0, 0].numpy() != 0
+    return {
+        "id": image_id_,
+        "path": str(item.path),
+        "label": "" if item.label is None else item.label,
+        "direction": explanation.direction,
+        "logit_before": before,
+        "logit_after": after,
+        "probability_before": float(torch.sigmoid(torch.tensor(before))),
+        "probability_after": float(torch.sigmoid(torch.tensor(after))),
+        "logit_shift": after - before,
+        "margin": explanation.margin,
+        "moved_by_margin": bool(explanation.moved[0]),
+        "prediction_flipped": (before > 0) != (after > 0),
+        "folding_share": float(explanation.folding[0]),
+        "mean_abs_log_volume_change": float(np.abs(change[brain]).mean()) if brain.any()
+        else 0.0,
+    }
+
+
+def write_summary_csv(path: Path, rows: list[dict[str, Any]]) -> Path:
+    """Write the per-image, per-direction summary table atomically."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=SUMMARY_COLUMNS)
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({
+            key: (f"{value:.6g}" if isinstance(value, float) else value)
+            for key, value in row.items()
+        })
+    return write_text_atomic(path, buffer.getvalue())

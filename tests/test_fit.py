@@ -1,0 +1,126 @@
+"""The simulator's training loop and public API, on tiny 2D images."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+from torch import nn
+
+from counterwarp.errors import CounterwarpError
+from counterwarp.explain.simulator import Simulator
+from counterwarp.train.simulator import CHECKPOINT_NAME, LOG_NAME, FitConfig, fit_simulator
+
+SHAPE = (32, 32)
+
+
+class BlobScorer(nn.Module):
+    """A classifier the package did not define: the logit is the weighted mean intensity
+    inside a central disc, so growing / shrinking that region moves it. Returns (B, 1)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        yy, xx = torch.meshgrid(torch.arange(SHAPE[0]), torch.arange(SHAPE[1]), indexing="ij")
+        disc = ((yy - 16.0) ** 2 + (xx - 16.0) ** 2 < 36).float()
+        self.register_buffer("weights", disc / disc.sum())
+        self.scale = nn.Parameter(torch.tensor(8.0))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return (self.scale * (images[:, 0] * self.weights).sum((1, 2)) - 5.0)[:, None]
+
+
+def blob_images(n: int, seed: int = 0) -> torch.Tensor:
+    """(n, 1, 32, 32) bright discs of random radius on a dark square (background 0)."""
+    generator = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.arange(SHAPE[0]), torch.arange(SHAPE[1]), indexing="ij")
+    images = []
+    for _ in range(n):
+        radius = 3.0 + 5.0 * torch.rand((), generator=generator)
+        disc = ((yy - 16.0) ** 2 + (xx - 16.0) ** 2 < radius**2).float()
+        square = ((yy - 16).abs() < 12) & ((xx - 16).abs() < 12)
+        noise = 0.05 * torch.randn(SHAPE, generator=generator)
+        images.append(torch.where(square, 0.2 + disc + noise, torch.zeros(SHAPE)))
+    return torch.stack(images)[:, None]
+
+
+TINY = {"steps": 6, "batch_size": 4, "checkpoint_every": 3, "channels": (4, 8, 8),
+        "latent_dim": 16, "lr": 1e-3}
+
+
+def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(tmp_path):
+    images = blob_images(12)
+    config = FitConfig(**TINY)
+    whole = fit_simulator(BlobScorer(), images, config, run_dir=tmp_path / "a", progress=False)
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_four(step: int, values: dict) -> None:
+        if step == 4:
+            raise Killed
+
+    with pytest.raises(Killed):
+        fit_simulator(BlobScorer(), images, config, run_dir=tmp_path / "b", progress=False,
+                      on_step=kill_after_four)
+    assert (tmp_path / "b" / CHECKPOINT_NAME).exists()
+    resumed = fit_simulator(BlobScorer(), images, config, run_dir=tmp_path / "b", resume=True,
+                            progress=False)
+    for (name, a), (_, b) in zip(whole.net.state_dict().items(),
+                                 resumed.net.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    with open(tmp_path / "b" / LOG_NAME, newline="") as handle:
+        steps = [int(row["step"]) for row in csv.DictReader(handle)]
+    assert steps == list(range(1, 7))
+
+
+def test_resume_refuses_other_settings(tmp_path):
+    images = blob_images(8)
+    fit_simulator(BlobScorer(), images, FitConfig(**TINY), run_dir=tmp_path, progress=False)
+    other = FitConfig(**{**TINY, "steps": 9, "w_smooth": 3.0})
+    with pytest.raises(CounterwarpError, match="other settings"):
+        fit_simulator(BlobScorer(), images, other, run_dir=tmp_path, resume=True,
+                      progress=False)
+
+
+def test_simulator_api_explains_a_foreign_classifier(tmp_path):
+    images = blob_images(16, seed=1)
+    classifier = BlobScorer()
+    simulator = Simulator(**{**TINY, "steps": 80, "lr": 3e-3}).fit(
+        classifier, images, progress=False
+    )
+    inject = simulator.explain(images[:6], "inject")
+    remove = simulator.explain(images[:6], "remove")
+    assert inject.simulated.shape == (6, 1, *SHAPE)
+    assert inject.displacement.shape == (6, 2, *SHAPE)
+    assert inject.log_volume_change.shape == (6, *SHAPE)
+    # inject raises the logit, remove lowers it, for every image
+    assert (inject.logit_after > inject.logit_before).all()
+    assert (remove.logit_after < remove.logit_before).all()
+    # to raise the disc score the simulator grows the disc: positive volume change inside
+    centre = inject.log_volume_change[:, 12:20, 12:20].mean()
+    assert centre > 0
+    # the classifier is frozen: its parameter did not move
+    assert classifier.scale.item() == 8.0 and not classifier.scale.requires_grad
+    path = simulator.save(tmp_path / "simulator.pt")
+    again = Simulator.load(path, BlobScorer())
+    assert torch.allclose(again.explain(images[:2], "inject").simulated,
+                          simulator.explain(images[:2], "inject").simulated, atol=1e-6)
+
+
+def test_classifier_with_wrong_output_shape_is_refused():
+    class TwoLogits(nn.Module):
+        def forward(self, images: torch.Tensor) -> torch.Tensor:
+            return images.flatten(1)[:, :2]
+
+    with pytest.raises(CounterwarpError, match=r"one logit per image"):
+        Simulator(**TINY).fit(TwoLogits(), blob_images(4), progress=False)
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(CounterwarpError, match="field"):
+        Simulator(field="spline")
+    with pytest.raises(CounterwarpError, match="steps"):
+        Simulator(steps=0)
+    with pytest.raises(CounterwarpError, match="unknown simulator settings"):
+        Simulator(stepz=3)
