@@ -33,6 +33,7 @@ _EXPORTS = {
     "explain_run": "counterwarp.workflows",
     "saliency_run": "counterwarp.explain.saliency_run",
     "run_demo": "counterwarp.demo",
+    "run_benchmark": "counterwarp.benchmark",
     "CounterwarpError": "counterwarp.errors",
 }
 

@@ -102,6 +102,19 @@ def _cmd_saliency(args: argparse.Namespace) -> None:
           f"to {Path(args.out)}")
 
 
+def _cmd_benchmark(args: argparse.Namespace) -> None:
+    from counterwarp.benchmark import run_benchmark
+
+    result = run_benchmark(
+        args.data, args.run, args.out, methods=args.methods,
+        occlusion_patch=args.occlusion_patch, threshold=args.threshold, sigma=args.sigma,
+        device=args.device, seed=args.seed,
+    )
+    print(f"benchmark: {result['n_test']} held-out subjects ({result['n_test_diseased']} "
+          f"diseased) x {len(result['methods'])} methods")
+    print(f"wrote results.csv, results.json, results.md, methods_figure.png to {Path(args.out)}")
+
+
 def _cmd_demo(args: argparse.Namespace) -> None:
     from counterwarp.demo import run_demo
 
@@ -190,6 +203,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     p.add_argument("--out", required=True, type=Path)
     p.set_defaults(func=_cmd_saliency)
+
+    p = sub.add_parser("benchmark", help="score the simulator and saliency maps against the "
+                                         "truth of a `counterwarp synth` cohort")
+    p.add_argument("--data", required=True, type=Path,
+                   help="cohort folder from `counterwarp synth`")
+    p.add_argument("--run", required=True, type=Path,
+                   help="run folder with classifier.pt, split.json and simulator.pt")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--methods", default="all",
+                   help="saliency baselines, comma-separated (gradient, gradient_x_input, "
+                        "integrated_gradients, smoothgrad, guided_backprop, gradcam, "
+                        "occlusion), or 'all' (default); the simulator is always scored")
+    p.add_argument("--occlusion-patch", type=int, default=4,
+                   help="occlusion patch edge in model-grid voxels (default 4)")
+    p.add_argument("--threshold", type=float, default=0.05,
+                   help="|true log volume change| above which a voxel counts as changed")
+    p.add_argument("--sigma", type=float, default=1.5, help="region-scale smoothing, voxels")
+    p.add_argument("--seed", type=int, default=0, help="seeds SmoothGrad's noise")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
+    p.set_defaults(func=_cmd_benchmark)
 
     p = sub.add_parser("demo", help="synth -> train-classifier -> fit -> explain, embedded data")
     p.add_argument("--out", type=Path, default=Path("runs/demo"))

@@ -323,6 +323,7 @@ def fit_simulator(
     progress: bool = True,
     device: str | torch.device | None = None,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
+    net_factory: Callable[..., nn.Module] | None = None,
 ) -> FitResult:
     """Train a conditional simulator that injects/removes what ``classifier`` reads as disease.
 
@@ -335,6 +336,9 @@ def fit_simulator(
         progress: show a tqdm progress bar with the losses and the moved-by-margin share.
         device: torch device (default: CUDA when available, else CPU).
         on_step: called after every step with ``(step, logged values)`` (tests, callbacks).
+        net_factory: builds the network instead of :class:`SimulatorNet`, called with the
+            same arguments (e.g. ``counterwarp.benchmark.TwoSimulators`` for the ablation of
+            two separate unconditional simulators).
 
     Returns:
         A :class:`FitResult` with the trained network (eval mode) and the derived margin.
@@ -366,7 +370,7 @@ def fit_simulator(
     remove_pool = torch.nonzero(logits > 0).flatten()
 
     spatial_shape = tuple(images.shape[2:])
-    net = SimulatorNet(
+    net = (net_factory or SimulatorNet)(
         spatial_shape,
         field=config.field,
         channels=config.channels,

@@ -1,0 +1,258 @@
+"""The benchmark: scoring core on hand-made maps, the run-folder workflow on a tiny 2D cohort,
+input validation, and the two-simulator ablation arm."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from counterwarp.benchmark import (
+    SIMULATOR_METHODS,
+    TwoSimulators,
+    methods_figure,
+    run_benchmark,
+    score_methods,
+    summary_table,
+)
+from counterwarp.data.synthetic import synth
+from counterwarp.errors import CounterwarpError
+from counterwarp.explain.saliency import SALIENCY_METHODS
+from counterwarp.train.classifier import train_classifier
+from counterwarp.workflows import fit_run
+
+TINY_FIT = {"steps": 3, "batch_size": 4, "channels": (4, 8, 8), "latent_dim": 16,
+            "checkpoint_every": 3}
+
+
+# ----------------------------------------------------------------------------- scoring core
+
+
+def _hand_made(shape: tuple[int, int] = (24, 24)):
+    """Template mask (a disc), an effect with a growing and a shrinking blob, 4 subjects."""
+    yy, xx = np.meshgrid(*(np.arange(n, dtype=float) for n in shape), indexing="ij")
+    mask = (yy - 12) ** 2 + (xx - 12) ** 2 < 11**2
+    effect = 0.8 * np.exp(-((yy - 8) ** 2 + (xx - 12) ** 2) / 6.0)
+    effect -= 0.45 * np.exp(-((yy - 16) ** 2 + (xx - 12) ** 2) / 4.0)
+    effect *= mask
+    severities = np.array([0.5, 0.0, 1.5, 0.0])  # subjects 1 and 3 are healthy
+    truths = severities[:, None, None] * effect[None]
+    brains = np.repeat(mask[None], 4, axis=0)
+    return truths, brains, effect, mask
+
+
+def test_a_perfect_method_scores_one_everywhere():
+    truths, brains, effect, mask = _hand_made()
+    scores = score_methods(
+        {"simulator_inject": truths, "simulator_remove": 3.0 * truths, "gradient": -truths},
+        truths, brains, effect, mask, ids=["a", "b", "c", "d"],
+    )
+    for method in ("simulator_inject", "simulator_remove", "gradient"):
+        result = scores[method]
+        for metric, value in result["group"].items():
+            assert value == pytest.approx(1.0), (method, metric)
+        assert set(result["subjects"]) == {"a", "c"}  # healthy subjects are not scored
+        for values in result["subjects"].values():
+            assert values["pearson"] == pytest.approx(1.0)
+            assert values["auroc"] == pytest.approx(1.0)
+        assert result["subject_median"]["pearson"] == pytest.approx(1.0)
+    assert scores["simulator_inject"]["signed"] and not scores["gradient"]["signed"]
+    assert scores["gradient"]["sign_used"].startswith("unsigned")
+
+
+def test_signed_scoring_punishes_the_wrong_direction_and_unsigned_forgives_it():
+    truths, brains, effect, mask = _hand_made()
+    scores = score_methods(
+        {"wrong_way": -truths, "magnitude_only": -truths}, truths, brains, effect, mask,
+        signed={"wrong_way": True, "magnitude_only": False},
+    )
+    assert scores["wrong_way"]["group"]["pearson"] == pytest.approx(-1.0)
+    assert scores["wrong_way"]["group"]["auroc"] == pytest.approx(1.0)  # |map| localises
+    assert scores["magnitude_only"]["group"]["pearson"] == pytest.approx(1.0)
+
+
+def test_noise_scores_near_chance_and_constant_maps_are_nan():
+    truths, brains, effect, mask = _hand_made()
+    noise = np.random.default_rng(0).normal(size=truths.shape)
+    scores = score_methods(
+        {"noise": noise, "flat": np.ones_like(truths)}, truths, brains, effect, mask,
+        signed={"noise": True, "flat": True},
+    )
+    assert abs(scores["noise"]["group"]["pearson"]) < 0.2
+    assert abs(scores["noise"]["group"]["auroc"] - 0.5) < 0.15
+    assert math.isnan(scores["flat"]["group"]["pearson"])
+    assert "| flat | signed | - |" in summary_table(scores)
+
+
+def test_score_methods_rejects_mismatched_shapes():
+    truths, brains, effect, mask = _hand_made()
+    with pytest.raises(CounterwarpError, match="shape"):
+        score_methods({"gradient": truths[:, :5]}, truths, brains, effect, mask)
+    with pytest.raises(CounterwarpError, match="spatial shape"):
+        score_methods({}, truths, brains, effect[:5], mask)
+
+
+# ----------------------------------------------------------------------------- workflow
+
+
+@pytest.fixture(scope="module")
+def cohort_and_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("benchmark")
+    cohort, run = root / "cohort", root / "run"
+    synth(cohort, n=20, dim=2, shape=(32, 32), seed=5)
+    train_classifier(cohort / "manifest.csv", run, epochs=2, progress=False)
+    fit_run(cohort / "manifest.csv", run, progress=False, **TINY_FIT)
+    return cohort, run
+
+
+def test_run_benchmark_writes_all_outputs(cohort_and_run, tmp_path):
+    cohort, run = cohort_and_run
+    out = tmp_path / "bench"
+    result = run_benchmark(cohort, run, out, progress=False, occlusion_patch=8)
+    for name in ("results.csv", "results.json", "results.md", "methods_figure.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    payload = json.loads((out / "results.json").read_text())
+    assert set(payload["methods"]) == {*SIMULATOR_METHODS, *SALIENCY_METHODS}
+    assert payload == json.loads(json.dumps(result))
+    assert payload["methods"]["simulator_remove"]["signed"] is True
+    assert payload["methods"]["gradient"]["signed"] is False
+    for key in ("moved_share", "remove_flips", "mean_logit_shift_inject",
+                "cycle_error_relative", "folding_share_mean", "mean_abs_grad_u"):
+        assert key in payload["simulator"], key
+    assert {"pearson_voxel", "pearson_region"} <= set(payload["issue3_inject_healthy"])
+
+    with open(out / "results.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    groups = [r for r in rows if r["scope"] == "group"]
+    assert {r["method"] for r in groups} == set(payload["methods"])
+    subjects = [r for r in rows if r["scope"] == "subject"]
+    per_method = len(subjects) // len(payload["methods"])
+    assert per_method == payload["n_test_diseased"]
+    assert all(r["label"] == "1" for r in subjects)
+
+    markdown = (out / "results.md").read_text()
+    assert "| method | sign used | group Pearson |" in markdown
+    assert "absolute value" in markdown
+    for method in payload["methods"]:
+        assert f"| {method} |" in markdown
+
+
+def test_run_benchmark_simulator_only(cohort_and_run, tmp_path):
+    cohort, run = cohort_and_run
+    result = run_benchmark(cohort, run, tmp_path / "only", methods=[], progress=False)
+    assert set(result["methods"]) == set(SIMULATOR_METHODS)
+
+
+def test_run_benchmark_is_reproducible(cohort_and_run, tmp_path):
+    cohort, run = cohort_and_run
+    first = run_benchmark(cohort, run, tmp_path / "a", methods="smoothgrad", progress=False)
+    second = run_benchmark(cohort, run, tmp_path / "b", methods="smoothgrad", progress=False)
+    assert first["methods"] == second["methods"]
+
+
+def test_methods_figure_3d_has_one_row_per_method(tmp_path):
+    rng = np.random.default_rng(0)
+    image = rng.normal(size=(12, 12, 12))
+    truth = np.zeros_like(image)
+    truth[4:7, 5:8, 6:9] = 0.5
+    from PIL import Image
+
+    sizes = []
+    for maps in ({"gradient": image}, {"simulator_inject": truth, "gradient": image,
+                                       "occlusion": image}):
+        path = methods_figure(image, truth, maps, tmp_path / f"figure{len(maps)}.png")
+        sizes.append(Image.open(path).size)
+    assert sizes[0][0] == sizes[1][0]  # the same three slices per row
+    assert sizes[1][1] > 1.6 * sizes[0][1]  # 4 rows vs 2
+
+
+def test_data_without_truth_says_it_must_come_from_synth(cohort_and_run, tmp_path):
+    cohort, run = cohort_and_run
+    copy = tmp_path / "no_truth"
+    shutil.copytree(cohort, copy)
+    shutil.rmtree(copy / "truth")
+    out = tmp_path / "out"
+    with pytest.raises(CounterwarpError, match="counterwarp synth"):
+        run_benchmark(copy, run, out, progress=False)
+    with pytest.raises(CounterwarpError, match="no such folder"):
+        run_benchmark(tmp_path / "nowhere", run, out, progress=False)
+    assert not out.exists()
+
+
+def test_run_without_simulator_says_run_fit(cohort_and_run, tmp_path):
+    cohort, run = cohort_and_run
+    bare = tmp_path / "bare_run"
+    bare.mkdir()
+    for name in ("classifier.pt", "split.json"):
+        shutil.copy(run / name, bare / name)
+    with pytest.raises(CounterwarpError, match="counterwarp fit"):
+        run_benchmark(cohort, bare, tmp_path / "out", progress=False)
+
+
+def test_bad_method_and_patch_fail_before_writing(cohort_and_run, tmp_path):
+    cohort, run = cohort_and_run
+    out = tmp_path / "out"
+    with pytest.raises(CounterwarpError, match="unknown saliency method"):
+        run_benchmark(cohort, run, out, methods="gradient,nonsense", progress=False)
+    with pytest.raises(CounterwarpError, match="occlusion-patch"):
+        run_benchmark(cohort, run, out, methods="occlusion", occlusion_patch=99,
+                      progress=False)
+    assert not out.exists()
+
+
+def test_ablation_script_runs_at_a_tiny_size(cohort_and_run, tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "ablations.py"
+    spec = importlib.util.spec_from_file_location("ablations", script)
+    ablations = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ablations)
+    cohort, run = cohort_and_run
+    out = tmp_path / "ablations"
+    code = ablations.main([
+        "--out", str(out), "--data", str(cohort), "--run", str(run), "--arms", "a,c",
+        "--seeds", "2", "--steps", "2", "--batch-size", "4", "--channels", "4", "8", "8",
+        "--latent-dim", "16",
+    ])
+    assert code == 0
+    text = (out / "ablations.md").read_text()
+    for label in ("one conditional simulator", "(a) two separate", "(c) without the cycle"):
+        assert label in text
+    with open(out / "ablations.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(r["configuration"], r["seed"]) for r in rows] == [
+        ("default", "0"), ("default", "1"), ("two", "0"), ("two", "1"),
+        ("nocycle", "0"), ("nocycle", "1"),
+    ]
+    assert ablations.main(["--out", str(out), "--arms", "z"]) == 2
+    assert "--arms" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- two simulators
+
+
+def test_two_simulators_dispatch_by_condition_sign():
+    torch.manual_seed(0)
+    net = TwoSimulators((16, 16), channels=(4, 8), latent_dim=8, routing_dropout=0.0)
+    for sub in (net.inject_net, net.remove_net):  # the head starts at zero: perturb it
+        torch.nn.init.normal_(sub.head.weight, std=0.1)
+    net.eval()
+    x = torch.randn(4, 1, 16, 16)
+    condition = torch.tensor([1.0, -1.0, -1.0, 1.0])
+    raw = net(x, condition)
+    assert raw.shape == (4, 2, 16, 16)
+    torch.testing.assert_close(raw[[0, 3]], net.inject_net(x[[0, 3]], condition[[0, 3]]))
+    torch.testing.assert_close(raw[[1, 2]], net.remove_net(x[[1, 2]], condition[[1, 2]]))
+    raw.square().sum().backward()
+    assert net.inject_net.head.weight.grad.abs().sum() > 0
+    assert net.remove_net.head.weight.grad.abs().sum() > 0
+    u, inverse = net.displacements(raw)
+    assert u is raw and inverse is None
+    assert net.config["architecture"] == "two_simulators"
+    assert net.config["num_experts"] == 1 and net.config["routing"] == "condition"
