@@ -81,7 +81,7 @@ def _cmd_explain(args: argparse.Namespace) -> None:
 
     rows = explain_run(
         args.run, args.out, manifest=args.manifest, split=args.split, images=args.images,
-        direction=args.direction,
+        direction=args.direction, progression=args.progression,
     )
     moved = sum(bool(r["moved_by_margin"]) for r in rows)
     print(f"explained {len(rows)} image-direction pairs; {moved} moved past the margin")
@@ -113,6 +113,33 @@ def _cmd_benchmark(args: argparse.Namespace) -> None:
     print(f"benchmark: {result['n_test']} held-out subjects ({result['n_test_diseased']} "
           f"diseased) x {len(result['methods'])} methods")
     print(f"wrote results.csv, results.json, results.md, methods_figure.png to {Path(args.out)}")
+
+
+def _cmd_group(args: argparse.Namespace) -> None:
+    from counterwarp.explain.group import group_run
+
+    directions = ("inject", "remove") if args.direction == "both" else (args.direction,)
+    for direction in directions:
+        summary = group_run(
+            args.run, args.out, direction=direction, maps_dir=args.maps,
+            manifest=args.manifest, split=args.split, subset=args.subjects, atlas=args.atlas,
+            atlas_names=args.atlas_names, mask=args.mask, q=args.q,
+        )
+        print(f"group {direction}: {summary['n_subjects']} maps in {summary['space']}; "
+              f"{summary['n_fdr_voxels']} of {summary['n_brain_voxels']} voxels survive FDR "
+              f"q={summary['q']:g}")
+    print(f"wrote group_<direction>_{{mean,t,p,fdr_mask}}.nii.gz, PNGs, README to {args.out}")
+
+
+def _cmd_report(args: argparse.Namespace) -> None:
+    from counterwarp.report.html import report_run
+
+    path = report_run(
+        args.run, args.out, explain_dir=args.explain, saliency_dir=args.saliency,
+        benchmark=args.benchmark, n_subjects=args.subjects, compute=not args.no_compute,
+        progress=True,
+    )
+    print(f"wrote {path}")
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
@@ -188,6 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="*", type=Path, help="NIfTI images (instead of --manifest)")
     p.add_argument("--direction", choices=("remove", "inject", "both"), default="both")
     p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--progression", type=int, default=0, metavar="N",
+                   help="also write <id>_<direction>_progression.gif with N frames along "
+                        "x o exp(t v) (needs `fit --field velocity`)")
     p.set_defaults(func=_cmd_explain)
 
     p = sub.add_parser("saliency", help="classic saliency maps (Captum) of the run's classifier")
@@ -223,6 +253,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seeds SmoothGrad's noise")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     p.set_defaults(func=_cmd_benchmark)
+
+    p = sub.add_parser("group", help="group maps: mean, one-sample t, FDR mask, region table")
+    p.add_argument("--run", type=Path, default=None, help="run folder (not needed with --maps)")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--direction", choices=("inject", "remove", "both"), default="inject")
+    p.add_argument("--maps", type=Path, default=None,
+                   help="folder of maps already in one space")
+    p.add_argument("--manifest", type=Path, default=None,
+                   help="default: the one in RUN/split.json")
+    p.add_argument("--split", default="test")
+    p.add_argument("--subjects", choices=("all", "healthy", "diseased"), default="all")
+    p.add_argument("--atlas", type=Path, default=None, help="label image (0 = no region)")
+    p.add_argument("--atlas-names", type=Path, default=None, help="CSV with label,name")
+    p.add_argument("--mask", type=Path, default=None, help="brain mask on the maps' grid")
+    p.add_argument("--q", type=float, default=0.05, help="FDR level (default 0.05)")
+    p.set_defaults(func=_cmd_group)
+
+    p = sub.add_parser("report", help="self-contained HTML report of a run (RUN/report.html)")
+    p.add_argument("--run", required=True, type=Path)
+    p.add_argument("--out", type=Path, default=None, help="default RUN/report.html")
+    p.add_argument("--explain", type=Path, default=None, help="explain folder to reuse")
+    p.add_argument("--saliency", type=Path, default=None, help="saliency folder to reuse")
+    p.add_argument("--benchmark", type=Path, default=None, help="results.md or its folder")
+    p.add_argument("--subjects", type=int, default=4, help="held-out subjects to show")
+    p.add_argument("--no-compute", action="store_true", help="only embed what exists")
+    p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser("demo", help="synth -> train-classifier -> fit -> explain, embedded data")
     p.add_argument("--out", type=Path, default=Path("runs/demo"))

@@ -16,6 +16,7 @@ import numpy as np
 from counterwarp._io import write_json_atomic
 from counterwarp.data.synthetic import synth
 from counterwarp.explain.assess import assess_simulator
+from counterwarp.report.html import report_run
 from counterwarp.runs import load_images, load_run_classifier, model_shape, rows_in_split
 from counterwarp.train.classifier import train_classifier
 from counterwarp.workflows import explain_run, fit_run, load_run_simulator
@@ -84,7 +85,6 @@ def run_demo(
     mask = _read_map(cohort / "truth" / "brain_mask.nii.gz") > 0
     assessment = assess_simulator(simulator, images, labels, truth_effect=truth,
                                   brain_mask=mask)
-    timings["total_s"] = sum(timings.values())
     summary = {
         "out": str(out.resolve()),
         "classifier_test": test,
@@ -92,6 +92,11 @@ def run_demo(
         "held_out": assessment,
         "timings": timings,
     }
+    started = step("report")
+    report = report_run(run, explain_dir=explained)
+    timings["report_s"] = time.perf_counter() - started
+    timings["total_s"] = sum(v for k, v in timings.items() if k != "total_s")
+    summary["report"] = str(report)
     write_json_atomic(out / "demo_summary.json", summary)
     _print_summary(summary, explained)
     return summary
@@ -122,5 +127,6 @@ def _print_summary(summary: dict[str, Any], explained: Path) -> None:
         f"{_fmt(held.get('inject_truth_pearson_region'))}",
         f"  outputs: {explained} (NIfTI maps, PNG panels, summary.csv)",
         f"  summary: {Path(summary['out']) / 'demo_summary.json'}",
+        f"  report:  {summary['report']}",
     ]
     print("\n".join(lines))

@@ -142,6 +142,7 @@ def explain_run(
     images: list[str | Path] | None = None,
     direction: str = "both",
     panels: bool = True,
+    progression: int = 0,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
     """Explain images with the run's simulator; write NIfTI maps, PNG panels, summary.csv.
@@ -149,14 +150,19 @@ def explain_run(
     Per image and direction: ``<id>_<direction>_simulated.nii.gz``,
     ``<id>_<direction>_displacement.nii.gz`` (vector image, model voxels, last axis = the
     spatial dim it moves along), ``<id>_<direction>_log_volume_change.nii.gz``, all on the
-    input's grid with the input's affine, and ``<id>_<direction>.png``.
+    input's grid with the input's affine, and ``<id>_<direction>.png``. With
+    ``progression=N`` (velocity-field simulators) also ``<id>_<direction>_progression.gif``.
     """
+    from counterwarp.explain.progression import check_progression_supported, write_progression
+
     run, out = Path(run), Path(out)
     directions = ("remove", "inject") if direction == "both" else (direction,)
     if any(d not in ("remove", "inject") for d in directions):
         raise CounterwarpError(f"--direction {direction!r}: use remove, inject or both")
-    simulator = load_run_simulator(run)
-    _, payload = load_run_classifier(run)
+    classifier, payload = load_run_classifier(run)
+    simulator = Simulator.load(run / SIMULATOR_NAME, classifier)
+    if progression:
+        check_progression_supported(simulator, progression)
     shape = model_shape(payload)
     inputs = explain_inputs(run, manifest, split, images, payload.get("positive_label"))
     # Validate every input before writing anything.
@@ -171,6 +177,8 @@ def explain_run(
             summary.append(
                 _write_explanation(out, image_id_, item, volume, explanation, panels)
             )
+            if progression:
+                write_progression(out, image_id_, simulator, tensor, name, progression)
             bar.update()
     bar.close()
     write_summary_csv(out / "summary.csv", summary)

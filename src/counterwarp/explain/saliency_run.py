@@ -30,7 +30,7 @@ from counterwarp.explain.saliency import SALIENCY_METHODS, saliency_map, salienc
 from counterwarp.nn.classifier import last_conv_layer
 from counterwarp.runs import load_run_classifier, model_shape
 from counterwarp.train.common import choose_device
-from counterwarp.workflows import _inputs, _unique_ids
+from counterwarp.workflows import explain_inputs, unique_ids
 
 INDEX_NAME = "saliency_index.csv"
 INDEX_COLUMNS = ("id", "path", "label", "method", "file", "panel")
@@ -130,12 +130,12 @@ def saliency_run(
                 f"--occlusion-patch must be an integer between 1 and {min(shape)} (the smallest "
                 f"side of the model grid {shape}), got {occlusion_patch!r}"
             )
-    inputs = _inputs(
+    inputs = explain_inputs(
         run, manifest, split, list(images) if images else None, payload.get("positive_label")
     )
     # Validate (and load) every input before writing anything.
     loaded = [load_model_input(item.path, shape) for item in inputs]
-    ids = _unique_ids(inputs)
+    ids = unique_ids(inputs)
     torch_device = choose_device(device)
     model.to(torch_device)
     target_layer = last_conv_layer(model) if "gradcam" in chosen else None

@@ -243,7 +243,7 @@ def _column(rows: list[dict[str, str]], name: str) -> np.ndarray:
     return np.asarray(out, dtype=np.float64)
 
 
-def classifier_curves_figure(rows: list[dict[str, str]]):  # -> matplotlib.figure.Figure
+def classifier_curves_figure(rows: list[dict[str, str]]) -> matplotlib.figure.Figure:
     """Training curves of the classifier from ``classifier_log.csv`` rows (as read by
     ``csv.DictReader``): train / validation loss and validation AUC per epoch."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -268,7 +268,9 @@ def classifier_curves_figure(rows: list[dict[str, str]]):  # -> matplotlib.figur
     return fig
 
 
-def simulator_curves_figure(rows: list[dict[str, str]], window: int = 10):  # -> Figure
+def simulator_curves_figure(
+    rows: list[dict[str, str]], window: int = 10
+) -> matplotlib.figure.Figure:
     """Training curves of the simulator from ``simulator_log.csv`` rows: every loss term
     (log scale) and the share of the batch moved past the margin (raw and running mean over
     ``window`` steps) against the step."""
@@ -279,11 +281,15 @@ def simulator_curves_figure(rows: list[dict[str, str]], window: int = 10):  # ->
     fig = Figure(figsize=(8.0, 2.8))
     FigureCanvasAgg(fig)
     loss_ax, moved_ax = fig.subplots(1, 2)
+    positive = []
     for name in ("loss", "shift", "cycle", "smooth", "magnitude"):
         values = _column(rows, name)
         if np.any(values > 0):
             loss_ax.plot(step, np.where(values > 0, values, np.nan), label=name, lw=1)
+            positive.append(values[values > 0])
     loss_ax.set_yscale("log")
+    if positive:  # a first step's near-zero term must not squash the curves
+        loss_ax.set_ylim(bottom=0.5 * float(np.percentile(np.concatenate(positive), 2)))
     loss_ax.set_xlabel("step")
     loss_ax.set_ylabel("loss term")
     loss_ax.legend(fontsize=7)
