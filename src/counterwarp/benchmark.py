@@ -408,7 +408,7 @@ class TwoSimulators(nn.Module):
 
     Args:
         input_shape, field, channels, latent_dim, integration_steps, max_displacement,
-            routing_dropout: as for :class:`SimulatorNet`, used for both nets.
+            routing_dropout, smoothing_sigma: as for :class:`SimulatorNet`, used for both.
         num_experts, routing: accepted for a drop-in constructor signature and ignored
             (always 1 and ``"condition"``).
     """
@@ -424,6 +424,7 @@ class TwoSimulators(nn.Module):
         integration_steps: int = 7,
         max_displacement: float | None = None,
         routing_dropout: float = 0.1,
+        smoothing_sigma: float = 0.0,
     ) -> None:
         super().__init__()
         del num_experts, routing
@@ -431,6 +432,7 @@ class TwoSimulators(nn.Module):
             field=field, channels=tuple(channels), latent_dim=latent_dim, num_experts=1,
             routing="condition", integration_steps=integration_steps,
             max_displacement=max_displacement, routing_dropout=routing_dropout,
+            smoothing_sigma=smoothing_sigma,
         )
         self.inject_net = SimulatorNet(tuple(input_shape), **settings)  # type: ignore[arg-type]
         self.remove_net = SimulatorNet(tuple(input_shape), **settings)  # type: ignore[arg-type]

@@ -33,6 +33,7 @@ import math
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from counterwarp.errors import CounterwarpError
@@ -159,6 +160,12 @@ def _validated(cfg: dict[str, Any]) -> dict[str, Any]:
                 f"got {m!r}."
             )
         out["max_displacement"] = float(m)
+    sigma = cfg["smoothing_sigma"]
+    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not 0 <= sigma <= 8:
+        raise CounterwarpError(
+            f"SimulatorNet: smoothing_sigma must be a number of voxels in [0, 8], got {sigma!r}."
+        )
+    out["smoothing_sigma"] = float(sigma)
     p = cfg["routing_dropout"]
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
         raise CounterwarpError(f"SimulatorNet: routing_dropout must be in [0, 1), got {p!r}.")
@@ -188,6 +195,8 @@ class SimulatorNet(nn.Module):
         max_displacement: if set, the raw field is soft-clipped to
             ``m * tanh(field / m)`` voxels per component.
         routing_dropout: dropout on every CondConv routing input (training only).
+        smoothing_sigma: if > 0, the raw field is Gaussian-smoothed with this sigma (voxels),
+            so every deformation the simulator can express is smooth at that scale.
     """
 
     def __init__(
@@ -201,6 +210,7 @@ class SimulatorNet(nn.Module):
         integration_steps: int = 7,
         max_displacement: float | None = None,
         routing_dropout: float = 0.1,
+        smoothing_sigma: float = 0.0,
     ) -> None:
         super().__init__()
         cfg = _validated(
@@ -214,6 +224,7 @@ class SimulatorNet(nn.Module):
                 integration_steps=integration_steps,
                 max_displacement=max_displacement,
                 routing_dropout=routing_dropout,
+                smoothing_sigma=smoothing_sigma,
             )
         )
         self._cfg = cfg
@@ -305,6 +316,8 @@ class SimulatorNet(nn.Module):
         if self.max_displacement is not None:
             m = self.max_displacement
             out = m * torch.tanh(out / m)
+        if self._cfg["smoothing_sigma"] > 0:
+            out = gaussian_smooth(out, self._cfg["smoothing_sigma"])
         return out
 
     def displacements(self, raw_field: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -334,4 +347,27 @@ _DEFAULTS: dict[str, Any] = {
     "integration_steps": 7,
     "max_displacement": None,
     "routing_dropout": 0.1,
+    "smoothing_sigma": 0.0,
 }
+
+
+def gaussian_smooth(field: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian smoothing of each channel of ``field`` (B, C, *S); sigma in voxels.
+
+    Zero padding: a field that is zero outside the image stays consistent at the border.
+    """
+    dim = field.ndim - 2
+    radius = max(1, math.ceil(3 * sigma))
+    offsets = torch.arange(-radius, radius + 1, dtype=field.dtype, device=field.device)
+    kernel = torch.exp(-(offsets**2) / (2 * sigma**2))
+    kernel = kernel / kernel.sum()
+    channels = field.shape[1]
+    convolve = F.conv3d if dim == 3 else F.conv2d
+    for axis in range(dim):
+        shape = [1] * dim
+        shape[axis] = -1
+        weight = kernel.view(1, 1, *shape).repeat(channels, 1, *([1] * dim))
+        padding = [0] * dim
+        padding[axis] = radius
+        field = convolve(field, weight, padding=tuple(padding), groups=channels)
+    return field

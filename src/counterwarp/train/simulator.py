@@ -80,6 +80,7 @@ class FitConfig:
     w_smooth: float = 1.0
     smooth_kind: str = "l2"
     w_magnitude: float = 0.1
+    field_sigma: float = 0.0
     checkpoint_every: int = 50
     seed: int = 0
 
@@ -101,7 +102,8 @@ class FitConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise CounterwarpError(f"{name} must be a positive integer, got {value!r}")
-        non_negative = ("w_shift", "w_cycle", "w_smooth", "w_magnitude", "weight_decay")
+        non_negative = ("w_shift", "w_cycle", "w_smooth", "w_magnitude", "weight_decay",
+                        "field_sigma")
         for name in non_negative:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
@@ -377,6 +379,7 @@ def fit_simulator(
         latent_dim=config.latent_dim,
         num_experts=config.num_experts,
         routing=config.routing,
+        smoothing_sigma=config.field_sigma,
     ).to(device)
     main_opt = torch.optim.Adam(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     cycle_opt = (

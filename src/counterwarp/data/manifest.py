@@ -1,0 +1,389 @@
+"""Manifests (CSV of images and labels), the torch dataset built on them, and subject splits.
+
+A manifest is a CSV file with a header holding at least ``path`` and ``label``, optionally
+``subject`` and any other columns (covariates, kept as strings in ``ManifestRow.extras``).
+Relative paths resolve against the manifest's folder. Commas, semicolons and tabs are
+accepted as separators; a UTF-8 byte-order mark and blank lines are ignored.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from counterwarp.data.preprocess import (
+    LoadedVolume,
+    image_spatial_shape,
+    load_volume,
+    zscore_in_brain,
+)
+from counterwarp.errors import CounterwarpError
+
+SPLIT_PARTS: tuple[str, str, str] = ("train", "val", "test")
+_NIFTI_SUFFIXES = (".nii.gz", ".nii", ".hdr", ".img", ".mgz", ".mgh")
+
+
+@dataclass
+class ManifestRow:
+    """One image of a manifest.
+
+    Attributes:
+        line: 1-based line number in the CSV file (the header is line 1).
+        path: absolute, resolved path of the image.
+        label: 0 (healthy / negative) or 1 (diseased / positive).
+        subject: subject identifier (the file name without extension if no ``subject`` column).
+        extras: every other column of the row, as strings.
+    """
+
+    line: int
+    path: Path
+    label: int
+    subject: str
+    extras: dict[str, str] = field(default_factory=dict)
+
+
+def _file_stem(path: Path) -> str:
+    name = path.name
+    for suffix in _NIFTI_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+def _detect_delimiter(header_line: str) -> str:
+    """The separator among , ; tab that occurs most often in the header line."""
+    counts = {delimiter: header_line.count(delimiter) for delimiter in (",", ";", "\t")}
+    best = max(counts, key=lambda d: counts[d])
+    return best if counts[best] > 0 else ","
+
+
+def _parse_label(raw: str, positive_label: str | None, manifest: Path, line: int) -> int:
+    if positive_label is not None:
+        return 1 if raw == positive_label else 0
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if value in (0.0, 1.0):
+        return int(value)
+    raise CounterwarpError(
+        f"manifest {manifest}, line {line}: label {raw!r} is not 0 or 1. Use 0 (healthy) / "
+        "1 (diseased), or say which value means diseased with --positive-label "
+        "(positive_label=...)."
+    )
+
+
+def resolve_manifest_path(manifest: str | os.PathLike[str]) -> Path:
+    """The absolute manifest file: ``manifest`` itself, or ``manifest/manifest.csv`` for a
+    folder; CounterwarpError when there is none."""
+    path = Path(manifest).expanduser()
+    if path.is_dir():
+        candidate = path / "manifest.csv"
+        if candidate.is_file():
+            return candidate.resolve()
+        raise CounterwarpError(
+            f"{path} is a folder without a manifest.csv; give the manifest CSV file itself."
+        )
+    if not path.is_file():
+        raise CounterwarpError(
+            f"manifest not found: {path}. Give a CSV file with columns path,label "
+            "(e.g. the manifest.csv written by `counterwarp synth`)."
+        )
+    return path.resolve()
+
+
+def read_manifest(
+    manifest: str | os.PathLike[str], positive_label: str | None = None
+) -> list[ManifestRow]:
+    """Read and validate a manifest CSV.
+
+    Args:
+        manifest: CSV file (or a folder holding ``manifest.csv``).
+        positive_label: label value meaning "diseased" (-> 1); every other value -> 0.
+            None: labels must be 0/1.
+
+    Returns:
+        the rows in file order.
+
+    Raises:
+        CounterwarpError: missing manifest; no ``path`` / ``label`` column; no rows; missing
+            image file; label not 0/1 (without ``positive_label``); ``positive_label`` never
+            occurs; only one class; the same image listed twice.
+    """
+    manifest_path = resolve_manifest_path(manifest)
+    if positive_label is not None:
+        positive_label = str(positive_label).strip()
+    try:
+        text = manifest_path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise CounterwarpError(
+            f"manifest {manifest_path}: not UTF-8 text ({error}). Save it as UTF-8 CSV."
+        ) from error
+    lines = text.splitlines()
+    header_index = next((i for i, line in enumerate(lines) if line.strip()), None)
+    if header_index is None:
+        raise CounterwarpError(
+            f"manifest {manifest_path} is empty; it needs a header line 'path,label' and one "
+            "line per image."
+        )
+    delimiter = _detect_delimiter(lines[header_index])
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    header: list[str] | None = None
+    raw_rows: list[tuple[int, dict[str, str]]] = []
+    for fields in reader:
+        line = reader.line_num
+        if not any(value.strip() for value in fields):
+            continue
+        if header is None:
+            header = [name.strip() for name in fields]
+            continue
+        values = [value.strip() for value in fields]
+        row = {name: (values[i] if i < len(values) else "") for i, name in enumerate(header)}
+        raw_rows.append((line, row))
+    assert header is not None
+    lowered = {name.lower(): name for name in header if name}
+    missing_columns = [name for name in ("path", "label") if name not in lowered]
+    if missing_columns:
+        raise CounterwarpError(
+            f"manifest {manifest_path}: no {' or '.join(repr(c) for c in missing_columns)} "
+            f"column (header: {header!r}, separator {delimiter!r}). The header needs columns "
+            "'path' and 'label' (and optionally 'subject')."
+        )
+    if not raw_rows:
+        raise CounterwarpError(
+            f"manifest {manifest_path} lists no images (only a header); add one line per image."
+        )
+    path_key, label_key = lowered["path"], lowered["label"]
+    subject_key = lowered.get("subject")
+    base = manifest_path.parent
+    rows: list[ManifestRow] = []
+    for line, raw in raw_rows:
+        raw_path = raw[path_key]
+        if not raw_path:
+            raise CounterwarpError(
+                f"manifest {manifest_path}, line {line}: empty 'path'; give the image file."
+            )
+        raw_label = raw[label_key]
+        if not raw_label:
+            raise CounterwarpError(
+                f"manifest {manifest_path}, line {line}: empty 'label'; give 0 or 1."
+            )
+        label = _parse_label(raw_label, positive_label, manifest_path, line)
+        image_path = Path(raw_path).expanduser()
+        if not image_path.is_absolute():
+            image_path = base / image_path
+        image_path = image_path.resolve()
+        subject = raw[subject_key] if subject_key else ""
+        if not subject:
+            subject = _file_stem(image_path)
+        extras = {
+            name: value
+            for name, value in raw.items()
+            if name and name not in (path_key, label_key, subject_key)
+        }
+        rows.append(ManifestRow(line, image_path, label, subject, extras))
+
+    if positive_label is not None:
+        seen = sorted({raw[label_key] for _, raw in raw_rows})
+        if positive_label not in seen:
+            shown = ", ".join(repr(v) for v in seen[:10])
+            raise CounterwarpError(
+                f"manifest {manifest_path}: positive label {positive_label!r} never occurs in "
+                f"column 'label' (values seen: {shown}). Check the spelling."
+            )
+
+    missing = [row for row in rows if not row.path.is_file()]
+    if missing:
+        first = missing[0]
+        more = f" ({len(missing) - 1} more missing)" if len(missing) > 1 else ""
+        raise CounterwarpError(
+            f"manifest {manifest_path}, line {first.line}: image file not found: {first.path}"
+            f"{more}. Relative paths resolve against the manifest's folder {base}."
+        )
+
+    first_line_of: dict[Path, int] = {}
+    for row in rows:
+        if row.path in first_line_of:
+            raise CounterwarpError(
+                f"manifest {manifest_path}: lines {first_line_of[row.path]} and {row.line} both "
+                f"name {row.path}; list each image once."
+            )
+        first_line_of[row.path] = row.line
+
+    counts = Counter(row.label for row in rows)
+    if len(counts) < 2:
+        (only,) = counts
+        raise CounterwarpError(
+            f"manifest {manifest_path}: all {len(rows)} images have label {only}; a classifier "
+            "needs both classes (0 = healthy, 1 = diseased)."
+        )
+    return rows
+
+
+class ManifestDataset(Dataset):
+    """Torch dataset of manifest images, preprocessed for the classifier.
+
+    ``dataset[i]`` is ``(image, label)``: ``image`` a ``(1, *spatial_shape)`` float32 tensor
+    (resampled linearly to ``shape`` if given, z-scored over non-zero voxels), ``label`` a
+    ``()`` float32 tensor (0. or 1.).
+
+    Attributes:
+        rows: the manifest rows.
+        spatial_shape: model grid in voxels, ``(H, W)`` or ``(D, H, W)``.
+        dim: 2 or 3.
+    """
+
+    def __init__(
+        self,
+        rows: Sequence[ManifestRow],
+        shape: tuple[int, ...] | None = None,
+        cache: bool = True,
+    ) -> None:
+        self.rows: list[ManifestRow] = list(rows)
+        if not self.rows:
+            raise CounterwarpError("no images given (empty manifest / empty selection)")
+        native = [image_spatial_shape(row.path) for row in self.rows]
+        dims = {len(s) for s in native}
+        if len(dims) > 1:
+            i2 = next(i for i, s in enumerate(native) if len(s) == 2)
+            i3 = next(i for i, s in enumerate(native) if len(s) == 3)
+            raise CounterwarpError(
+                f"the images mix 2D and 3D: {self.rows[i2].path} has shape {native[i2]}, "
+                f"{self.rows[i3].path} has shape {native[i3]}. Use one kind per manifest."
+            )
+        self.dim: int = dims.pop()
+        if shape is None:
+            different = next((i for i, s in enumerate(native) if s != native[0]), None)
+            if different is not None:
+                raise CounterwarpError(
+                    f"the images have different shapes: {self.rows[0].path} is {native[0]}, "
+                    f"{self.rows[different].path} is {native[different]}. Give a common "
+                    f"model shape with --shape (e.g. --shape {' '.join(['64'] * self.dim)}); "
+                    "images are then resampled linearly to it."
+                )
+            self.spatial_shape: tuple[int, ...] = native[0]
+        else:
+            shape = tuple(int(n) for n in shape)
+            if len(shape) != self.dim or min(shape) < 1:
+                raise CounterwarpError(
+                    f"shape {shape} does not fit {self.dim}D images; give {self.dim} positive "
+                    "sizes."
+                )
+            self.spatial_shape = shape
+        self.cache = cache
+        self._cache: dict[int, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def labels(self) -> np.ndarray:
+        """``(N,)`` int64 labels (0/1)."""
+        return np.array([row.label for row in self.rows], dtype=np.int64)
+
+    def volume(self, index: int) -> LoadedVolume:
+        """The raw (not z-scored) :class:`LoadedVolume` of image ``index`` on the model grid."""
+        return load_volume(self.rows[index].path, self.spatial_shape)
+
+    def image(self, index: int) -> torch.Tensor:
+        """``(1, *spatial_shape)`` float32 z-scored image ``index`` (cached if enabled)."""
+        cached = self._cache.get(index)
+        if cached is not None:
+            return cached
+        loaded = self.volume(index)
+        image = torch.from_numpy(zscore_in_brain(loaded.data)).unsqueeze(0)
+        if self.cache:
+            self._cache[index] = image
+        return image
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        label = torch.tensor(float(self.rows[index].label), dtype=torch.float32)
+        return self.image(index), label
+
+    def preload(self, progress: bool = False) -> None:
+        """Read every image now (validating all files up front); fills the cache if enabled."""
+        from tqdm.auto import tqdm
+
+        for index in tqdm(
+            range(len(self)), desc="loading images", disable=not progress, leave=False
+        ):
+            self.image(index)
+
+
+def _allocate(n_items: int, fractions: Sequence[float]) -> list[int]:
+    """Split ``n_items`` into parts by ``fractions`` (largest remainder), at least one per part
+    with a positive fraction whenever there are enough items."""
+    ideal = [fraction * n_items for fraction in fractions]
+    counts = [int(np.floor(value)) for value in ideal]
+    order = sorted(range(len(fractions)), key=lambda k: (-(ideal[k] - counts[k]), k))
+    for k in order[: n_items - sum(counts)]:
+        counts[k] += 1
+    wanted = [k for k, fraction in enumerate(fractions) if fraction > 0]
+    if n_items >= len(wanted):
+        for k in wanted:
+            if counts[k] == 0:
+                donor = max(range(len(counts)), key=lambda j: (counts[j], -j))
+                counts[donor] -= 1
+                counts[k] += 1
+    return counts
+
+
+def split_by_subject(
+    rows: Sequence[ManifestRow],
+    fractions: tuple[float, float, float] = (0.7, 0.15, 0.15),
+    seed: int = 0,
+) -> dict[str, list[int]]:
+    """Subject-level split into train / val / test, stratified by label, deterministic by seed.
+
+    A subject's label is the majority label of its rows (ties count as 1). Subjects of each
+    class are shuffled (from the sorted subject names, so the split depends only on the set of
+    subjects and the seed) and allocated to the parts by largest remainder; every part with a
+    positive fraction gets at least one subject of each class when the class has enough
+    subjects.
+
+    Args:
+        rows: manifest rows.
+        fractions: (train, val, test), non-negative, summing to 1.
+        seed: random seed.
+
+    Returns:
+        ``{"train": [...], "val": [...], "test": [...]}``: sorted indices into ``rows``.
+    """
+    fractions = tuple(float(f) for f in fractions)
+    if len(fractions) != 3 or any(not np.isfinite(f) or f < 0 for f in fractions):
+        raise CounterwarpError(
+            f"fractions {fractions} must be three non-negative numbers (train, val, test)"
+        )
+    if abs(sum(fractions) - 1.0) > 1e-6:
+        raise CounterwarpError(
+            f"fractions {fractions} must sum to 1 (they sum to {sum(fractions)})"
+        )
+    rows_of_subject: dict[str, list[int]] = {}
+    for index, row in enumerate(rows):
+        rows_of_subject.setdefault(row.subject, []).append(index)
+    subjects_of_class: dict[int, list[str]] = {0: [], 1: []}
+    for subject in sorted(rows_of_subject):
+        labels = [rows[i].label for i in rows_of_subject[subject]]
+        subject_label = 1 if 2 * sum(labels) >= len(labels) else 0
+        subjects_of_class[subject_label].append(subject)
+    rng = np.random.default_rng(seed)
+    parts: dict[str, list[int]] = {name: [] for name in SPLIT_PARTS}
+    for label in (0, 1):
+        subjects = subjects_of_class[label]
+        permuted = [subjects[i] for i in rng.permutation(len(subjects))]
+        counts = _allocate(len(permuted), fractions)
+        start = 0
+        for name, count in zip(SPLIT_PARTS, counts, strict=True):
+            for subject in permuted[start : start + count]:
+                parts[name].extend(rows_of_subject[subject])
+            start += count
+    return {name: sorted(indices) for name, indices in parts.items()}
