@@ -20,9 +20,7 @@ grouped 38 ms vs 107 ms, but 16 -> 3 (a displacement head) grouped 168 ms vs exp
 oneDNN's grouped kernels are slow when a group has few output channels (the ratios held at
 64^3 batch 4 and on a busy machine; the absolute times did not). The default
 ``impl="auto"`` therefore picks ``"experts"`` for layers with fewer than
-:data:`AUTO_EXPERTS_BELOW` input or output channels and ``"grouped"`` otherwise (measured on
-CPU: a grouped 1->16 convolution at 32^3, batch 8, takes 1.6 s against 0.06 s for the
-per-expert form, because oneDNN handles groups of one input channel badly).
+:data:`AUTO_EXPERTS_BELOW` output channels and ``"grouped"`` otherwise.
 """
 
 from __future__ import annotations
@@ -41,7 +39,7 @@ Impl = Literal["auto", "grouped", "experts"]
 
 ROUTINGS: tuple[str, ...] = ("features+condition", "condition")
 IMPLS: tuple[str, ...] = ("auto", "grouped", "experts")
-#: ``impl="auto"`` uses the per-expert form for layers with fewer input or output channels.
+#: ``impl="auto"`` uses the per-expert form for layers with fewer output channels than this.
 AUTO_EXPERTS_BELOW = 8
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -68,8 +66,8 @@ class CondConv(nn.Module):
         routing_dropout: dropout probability applied to the routing input (training only).
         bias: whether the experts carry biases.
         impl: ``"grouped"``, ``"experts"`` or ``"auto"`` (default: ``"experts"`` if
-            ``min(in_channels, out_channels) < AUTO_EXPERTS_BELOW``, else ``"grouped"``);
-            every form gives the same result.
+            ``out_channels < AUTO_EXPERTS_BELOW``, else ``"grouped"``); every form gives
+            the same result.
         zero_init: set every expert weight and bias to 0 (use for the last layer of a
             network that must start at the identity). The routing FC keeps its default init.
     """
@@ -107,8 +105,7 @@ class CondConv(nn.Module):
         self.dim = dim
         self.routing = routing
         if impl == "auto":
-            narrow = min(in_channels, out_channels) < AUTO_EXPERTS_BELOW
-            impl = "experts" if narrow else "grouped"
+            impl = "experts" if out_channels < AUTO_EXPERTS_BELOW else "grouped"
         self.impl: str = impl
 
         kernel = (kernel_size,) * dim
