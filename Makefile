@@ -23,7 +23,9 @@ demo: install
 	$(VENV)/bin/counterwarp demo --out $(DEMO_OUT) $(DEMO_ARGS)
 
 test: install
-	$(PY) -m pytest -q tests
+	@$(PY) -m pytest -q tests; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; \
+	exit $$rc
 
 bench: install
 	$(PY) benchmarks/run.py

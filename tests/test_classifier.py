@@ -260,3 +260,18 @@ def test_train_classifier_3d_smoke_with_resampling(
 def test_train_classifier_rejects_bad_arguments(tmp_path: Path, kwargs: dict, word: str) -> None:
     with pytest.raises(CounterwarpError, match=word):
         train_classifier(tmp_path / "m.csv", tmp_path / "run", progress=False, **kwargs)
+
+
+def test_configure_torch_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    from counterwarp.train.common import available_cpus, configure_torch_threads
+
+    before = torch.get_num_threads()
+    try:
+        assert configure_torch_threads(1) == 1 and torch.get_num_threads() == 1
+        assert configure_torch_threads(10_000) == available_cpus()
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        assert configure_torch_threads() == 1
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        assert 1 <= configure_torch_threads() <= available_cpus()
+    finally:
+        torch.set_num_threads(before)

@@ -71,6 +71,25 @@ def save_nifti_atomic(path: str | os.PathLike[str], image: Any) -> Path:
 LOCK_NAME = ".counterwarp.lock"
 
 
+def remove_stale_temps(folder: str | os.PathLike[str], names: tuple[str, ...]) -> list[Path]:
+    """Delete temporary files that :func:`atomic_path` left beside ``folder/<name>``.
+
+    A process killed while writing leaves its hidden ``.<name>.XXXXXXXX<suffix>`` file
+    behind (the real file is intact). Call this only while holding :func:`folder_lock`, and
+    only for names that no process writes without that lock. Returns the removed paths.
+    """
+    import glob
+
+    removed = []
+    for name in names:
+        for tmp in Path(folder).glob(f".{glob.escape(name)}.*"):
+            if tmp.is_file():
+                with contextlib.suppress(FileNotFoundError):
+                    tmp.unlink()
+                    removed.append(tmp)
+    return removed
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -81,27 +100,48 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _read_lock(lock: Path) -> tuple[int, str | None]:
+    """``(pid, host)`` written in a lock file; ``(-1, None)`` when it cannot be parsed.
+
+    ``host`` is None for locks written by older versions (pid only).
+    """
+    try:
+        fields = lock.read_text(encoding="utf-8").split()
+        return int(fields[0]), (fields[1] if len(fields) > 1 else None)
+    except (OSError, ValueError, IndexError):
+        return -1, None
+
+
 @contextlib.contextmanager
 def folder_lock(folder: str | os.PathLike[str], what: str = "this folder") -> Iterator[Path]:
     """Hold ``folder/.counterwarp.lock`` while writing into ``folder``.
 
     A second process that tries to write the same folder is refused with a
-    :class:`~counterwarp.errors.CounterwarpError` instead of interleaving its files. A lock
-    left behind by a killed process (its pid no longer runs) is taken over.
+    :class:`~counterwarp.errors.CounterwarpError` instead of interleaving its files. The lock
+    file holds ``<pid> <host>``. A lock left behind by a killed process on this host (its pid
+    no longer runs) is taken over; a lock written on another host (a shared file system) is
+    never judged stale, since its pid cannot be checked from here.
     """
+    import socket
+
     from counterwarp.errors import CounterwarpError
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     lock = folder / LOCK_NAME
+    host = socket.gethostname() or "localhost"
     for _ in range(2):
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
-            try:
-                holder = int(lock.read_text(encoding="utf-8").split()[0])
-            except (OSError, ValueError, IndexError):
-                holder = -1
+            holder, holder_host = _read_lock(lock)
+            other_host = holder_host is not None and holder_host != host
+            if other_host and holder > 0:
+                raise CounterwarpError(
+                    f"{folder} is in use by a counterwarp process on host {holder_host} "
+                    f"(pid {holder}) writing {what}; wait for it to finish, or delete {lock} "
+                    f"if that process is gone"
+                ) from None
             if holder > 0 and holder != os.getpid() and _pid_alive(holder):
                 raise CounterwarpError(
                     f"{folder} is in use by another counterwarp process (pid {holder}) "
@@ -112,7 +152,7 @@ def folder_lock(folder: str | os.PathLike[str], what: str = "this folder") -> It
                 lock.unlink()  # stale lock of a killed process
             continue
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(f"{os.getpid()}\n")
+            handle.write(f"{os.getpid()} {host}\n")
         break
     else:
         raise CounterwarpError(f"could not take the lock {lock}; delete it and retry")

@@ -300,6 +300,11 @@ def _read_on_grid(path: Path, shape: tuple[int, ...]) -> np.ndarray:
         raise CounterwarpError(
             f"{path}: cannot read it ({type(error).__name__}); re-run `counterwarp synth`"
         ) from None
+    if not np.isfinite(values).all():
+        raise CounterwarpError(
+            f"{path}: {int((~np.isfinite(values)).sum())} NaN/Inf value(s) in a truth map; "
+            "re-run `counterwarp synth`"
+        )
     while values.ndim > len(shape) and values.shape[-1] == 1:
         values = values[..., 0]
     if values.ndim != len(shape):
@@ -425,6 +430,7 @@ class TwoSimulators(nn.Module):
         max_displacement: float | None = None,
         routing_dropout: float = 0.1,
         smoothing_sigma: float = 0.0,
+        norm: str = "batch",
     ) -> None:
         super().__init__()
         del num_experts, routing
@@ -432,7 +438,7 @@ class TwoSimulators(nn.Module):
             field=field, channels=tuple(channels), latent_dim=latent_dim, num_experts=1,
             routing="condition", integration_steps=integration_steps,
             max_displacement=max_displacement, routing_dropout=routing_dropout,
-            smoothing_sigma=smoothing_sigma,
+            smoothing_sigma=smoothing_sigma, norm=norm,
         )
         self.inject_net = SimulatorNet(tuple(input_shape), **settings)  # type: ignore[arg-type]
         self.remove_net = SimulatorNet(tuple(input_shape), **settings)  # type: ignore[arg-type]

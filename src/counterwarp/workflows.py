@@ -17,12 +17,19 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from counterwarp._io import folder_lock, write_json_atomic, write_text_atomic
+from counterwarp._io import (
+    folder_lock,
+    remove_stale_temps,
+    write_json_atomic,
+    write_text_atomic,
+)
 from counterwarp.data.preprocess import load_model_input, save_on_input_grid
 from counterwarp.errors import CounterwarpError
 from counterwarp.explain.simulator import Explanation, Simulator
 from counterwarp.report.figures import explanation_panel
 from counterwarp.runs import load_images, load_run_classifier, model_shape, rows_in_split
+from counterwarp.train.common import choose_device
+from counterwarp.train.simulator import CHECKPOINT_NAME, LOG_NAME
 
 SIMULATOR_NAME = "simulator.pt"
 FIT_METRICS_NAME = "simulator_fit.json"
@@ -51,9 +58,13 @@ def fit_run(
     run = Path(run)
     classifier, payload = load_run_classifier(run)
     simulator = Simulator(**settings)  # validates the settings before any work
+    if device is not None:
+        choose_device(device)  # an unknown device name is a user error, not a traceback
     rows = rows_in_split(run, manifest, split, positive_label=payload.get("positive_label"))
     images, _ = load_images(rows, model_shape(payload), progress=progress)
     with folder_lock(run, "a simulator"):
+        # temporaries of a fit killed mid-write (only fit writes these names, under the lock)
+        remove_stale_temps(run, (CHECKPOINT_NAME, LOG_NAME, SIMULATOR_NAME, FIT_METRICS_NAME))
         simulator.fit(
             classifier, images, run_dir=run, resume=resume, progress=progress, device=device
         )
@@ -123,13 +134,21 @@ def explain_inputs(
 
 
 def unique_ids(inputs: list[ExplainInput]) -> list[str]:
+    """One :func:`image_id` per input, made unique by ``_2``, ``_3`` ... suffixes.
+
+    Unique even when a suffixed id is itself a file name (``a``, ``a``, ``a_2``) and when
+    ids differ only in case (outputs may go to a case-insensitive disk).
+    """
     ids: list[str] = []
-    seen: dict[str, int] = {}
+    used: set[str] = set()
     for item in inputs:
-        base = image_id(item.path)
-        count = seen.get(base, 0)
-        seen[base] = count + 1
-        ids.append(base if count == 0 else f"{base}_{count + 1}")
+        base = candidate = image_id(item.path)
+        count = 1
+        while candidate.casefold() in used:
+            count += 1
+            candidate = f"{base}_{count}"
+        used.add(candidate.casefold())
+        ids.append(candidate)
     return ids
 
 
@@ -156,6 +175,8 @@ def explain_run(
     from counterwarp.explain.progression import check_progression_supported, write_progression
 
     run, out = Path(run), Path(out)
+    if out.exists() and not out.is_dir():
+        raise CounterwarpError(f"--out {out} exists and is not a folder; choose a folder path")
     directions = ("remove", "inject") if direction == "both" else (direction,)
     if any(d not in ("remove", "inject") for d in directions):
         raise CounterwarpError(f"--direction {direction!r}: use remove, inject or both")

@@ -128,6 +128,11 @@ def read_manifest(
         raise CounterwarpError(
             f"manifest {manifest_path}: not UTF-8 text ({error}). Save it as UTF-8 CSV."
         ) from error
+    except OSError as error:
+        raise CounterwarpError(
+            f"manifest {manifest_path}: cannot read it ({error.strerror or error}); check that "
+            "the file is readable by you."
+        ) from error
     lines = text.splitlines()
     header_index = next((i for i, line in enumerate(lines) if line.strip()), None)
     if header_index is None:

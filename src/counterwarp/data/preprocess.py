@@ -103,6 +103,16 @@ def _open_image(path: Path):  # -> nibabel SpatialImage
         raise CounterwarpError(f"image file not found: {path}")
     if path.is_dir():
         raise CounterwarpError(f"{path} is a folder, expected a NIfTI file (.nii or .nii.gz)")
+    if not path.is_file():  # a FIFO or device would block or stream forever
+        raise CounterwarpError(f"{path} is not a regular file; give a NIfTI file (.nii / .nii.gz)")
+    try:  # nibabel reports an unreadable file as "Could not read file"; say why
+        with open(path, "rb"):
+            pass
+    except OSError as error:
+        raise CounterwarpError(
+            f"{path}: cannot open it ({error.strerror or error}); check that the file is "
+            "readable by you."
+        ) from error
     try:
         return nib.load(str(path))
     except Exception as error:  # nibabel raises many types for bad files

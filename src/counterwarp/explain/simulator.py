@@ -230,15 +230,39 @@ class Simulator:
                 f"reads version {SIMULATOR_VERSION}; re-run `counterwarp fit`"
             )
         margin = payload.get("margin")
-        if not isinstance(margin, float) or not margin > 0:
+        if not isinstance(margin, float) or not margin > 0 or margin == float("inf"):
             raise CounterwarpError(f"{path}: invalid margin {margin!r} in simulator file")
-        simulator = cls(**payload["fit_config"])
-        net = SimulatorNet.from_config(payload["net_config"])
+        for key in ("logit_mean", "logit_std"):
+            value = payload.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, float)):
+                raise CounterwarpError(f"{path}: invalid {key} {value!r} in simulator file")
+        fit_config, net_config = payload.get("fit_config"), payload.get("net_config")
+        if not isinstance(fit_config, dict) or not isinstance(net_config, dict):
+            raise CounterwarpError(
+                f"{path}: the simulator file lacks its settings (fit_config and net_config must "
+                f"be dicts); re-run `counterwarp fit`"
+            )
+        # Validate every setting (types and ranges) before any network is built.
+        try:
+            simulator = cls(**fit_config)
+        except CounterwarpError as error:
+            raise CounterwarpError(f"{path}: invalid simulator settings: {error}") from None
+        except (TypeError, ValueError) as error:
+            raise CounterwarpError(
+                f"{path}: invalid simulator settings ({type(error).__name__}: {error})"
+            ) from None
+        try:
+            net = SimulatorNet.from_config(net_config)
+        except CounterwarpError as error:
+            raise CounterwarpError(f"{path}: {error}") from None
         try:
             net.load_state_dict(payload["state_dict"])
-        except (RuntimeError, KeyError, TypeError) as error:
+        except (RuntimeError, KeyError, TypeError, AttributeError) as error:
+            detail = " ".join(str(error).split())
+            detail = detail if len(detail) <= 300 else detail[:297] + "..."
             raise CounterwarpError(
-                f"{path}: weights do not match the stored architecture ({error})"
+                f"{path}: weights do not match the stored architecture "
+                f"({type(error).__name__}: {detail})"
             ) from None
         net.eval()
         simulator.net_ = net

@@ -63,12 +63,25 @@ def num_levels(input_shape: tuple[int, ...], max_levels: int) -> int:
     return n
 
 
-class DownBlock(nn.Module):
-    """BN, LeakyReLU(0.1), MaxPool(2), CondConv: ``(B, C_in, *S) -> (B, C_out, *S/2)``."""
+NORMS = ("batch", "group")
 
-    def __init__(self, in_channels: int, out_channels: int, dim: int, **condconv: Any) -> None:
+
+def make_norm(kind: str, channels: int, dim: int) -> nn.Module:
+    """BatchNorm (the paper's) or GroupNorm (4 groups; same in training and evaluation)."""
+    if kind == "group":
+        return nn.GroupNorm(math.gcd(channels, 4), channels)
+    return _BATCHNORM[dim](channels)
+
+
+class DownBlock(nn.Module):
+    """Norm, LeakyReLU(0.1), MaxPool(2), CondConv: ``(B, C_in, *S) -> (B, C_out, *S/2)``."""
+
+    def __init__(
+        self, in_channels: int, out_channels: int, dim: int, norm: str = "batch",
+        **condconv: Any,
+    ) -> None:
         super().__init__()
-        self.norm = _BATCHNORM[dim](in_channels)
+        self.norm = make_norm(norm, in_channels, dim)
         self.act = nn.LeakyReLU(_LEAK)
         self.pool = _MAXPOOL[dim](2)
         self.conv = CondConv(in_channels, out_channels, dim=dim, **condconv)
@@ -78,12 +91,15 @@ class DownBlock(nn.Module):
 
 
 class UpBlock(nn.Module):
-    """CondConv, BN, LeakyReLU(0.1), Upsample(2): ``(B, C_in, *S) -> (B, C_out, *2S)``."""
+    """CondConv, Norm, LeakyReLU(0.1), Upsample(2): ``(B, C_in, *S) -> (B, C_out, *2S)``."""
 
-    def __init__(self, in_channels: int, out_channels: int, dim: int, **condconv: Any) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, dim: int, norm: str = "batch",
+        **condconv: Any,
+    ) -> None:
         super().__init__()
         self.conv = CondConv(in_channels, out_channels, dim=dim, **condconv)
-        self.norm = _BATCHNORM[dim](out_channels)
+        self.norm = make_norm(norm, out_channels, dim)
         self.act = nn.LeakyReLU(_LEAK)
         self.up = nn.Upsample(scale_factor=2, mode=_UPSAMPLE_MODE[dim], align_corners=False)
 
@@ -160,6 +176,8 @@ def _validated(cfg: dict[str, Any]) -> dict[str, Any]:
                 f"got {m!r}."
             )
         out["max_displacement"] = float(m)
+    if cfg["norm"] not in NORMS:
+        raise CounterwarpError(f"SimulatorNet: norm must be one of {NORMS}, got {cfg['norm']!r}.")
     sigma = cfg["smoothing_sigma"]
     if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not 0 <= sigma <= 8:
         raise CounterwarpError(
@@ -195,6 +213,8 @@ class SimulatorNet(nn.Module):
         max_displacement: if set, the raw field is soft-clipped to
             ``m * tanh(field / m)`` voxels per component.
         routing_dropout: dropout on every CondConv routing input (training only).
+        norm: ``"batch"`` (BatchNorm, the paper's) or ``"group"`` (GroupNorm: behaves the
+            same in training and evaluation, which matters for small batches and 2^3 maps).
         smoothing_sigma: if > 0, the raw field is Gaussian-smoothed with this sigma (voxels),
             so every deformation the simulator can express is smooth at that scale.
     """
@@ -211,6 +231,7 @@ class SimulatorNet(nn.Module):
         max_displacement: float | None = None,
         routing_dropout: float = 0.1,
         smoothing_sigma: float = 0.0,
+        norm: str = "batch",
     ) -> None:
         super().__init__()
         cfg = _validated(
@@ -225,6 +246,7 @@ class SimulatorNet(nn.Module):
                 max_displacement=max_displacement,
                 routing_dropout=routing_dropout,
                 smoothing_sigma=smoothing_sigma,
+                norm=norm,
             )
         )
         self._cfg = cfg
@@ -243,12 +265,14 @@ class SimulatorNet(nn.Module):
 
         self.inlet = CondConv(1, ch[0], dim=dim, **cc)
         self.down = nn.ModuleList(
-            DownBlock(ch[i], ch[i + 1], dim, **cc) for i in range(self.levels)
+            DownBlock(ch[i], ch[i + 1], dim, norm=cfg["norm"], **cc) for i in range(self.levels)
         )
         coarse = tuple(s // 2**self.levels for s in self.input_shape)
         self.bottleneck = ConditionalBottleneck(ch[self.levels], coarse, cfg["latent_dim"])
         # up[i] maps level i+1 back to level i; applied from the deepest level upwards
-        self.up = nn.ModuleList(UpBlock(ch[i + 1], ch[i], dim, **cc) for i in range(self.levels))
+        self.up = nn.ModuleList(
+            UpBlock(ch[i + 1], ch[i], dim, norm=cfg["norm"], **cc) for i in range(self.levels)
+        )
         self.head = CondConv(ch[0], dim, dim=dim, zero_init=True, **cc)
 
     @property
@@ -348,6 +372,7 @@ _DEFAULTS: dict[str, Any] = {
     "max_displacement": None,
     "routing_dropout": 0.1,
     "smoothing_sigma": 0.0,
+    "norm": "batch",
 }
 
 

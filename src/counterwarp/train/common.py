@@ -64,14 +64,23 @@ def available_cpus() -> int:
 def configure_torch_threads(requested: int | None = None) -> int:
     """Set torch's intra-op thread count and return it.
 
-    ``requested`` wins; otherwise ``OMP_NUM_THREADS`` (if set) is respected; otherwise all
-    cores this process may use. Never more threads than cores (oversubscription slows
-    small convolutions down badly).
+    ``requested`` wins; otherwise ``OMP_NUM_THREADS`` (if set); otherwise the cores that are
+    idle now: the cores this process may use minus the 1-minute load average, at least 1.
+    Never more threads than cores. Oversubscribed threads are very costly for these small
+    convolutions: on 2 busy cores one training step of the 32^3 classifier took 0.80 s with
+    2 threads and 0.28 s with 1 (2D 64x64: 0.57 s vs 0.04 s).
     """
+    cores = available_cpus()
     if requested is None:
-        from_env = os.environ.get("OMP_NUM_THREADS", "")
+        from_env = os.environ.get("OMP_NUM_THREADS", "").strip()
         requested = int(from_env) if from_env.isdigit() and int(from_env) > 0 else None
-    threads = available_cpus() if requested is None else max(1, min(requested, available_cpus()))
+    if requested is None:
+        try:
+            busy = os.getloadavg()[0]
+        except (AttributeError, OSError):  # not available on this platform
+            busy = 0.0
+        requested = int(round(cores - busy))
+    threads = max(1, min(int(requested), cores))
     torch.set_num_threads(threads)
     return threads
 

@@ -81,6 +81,7 @@ class FitConfig:
     smooth_kind: str = "l2"
     w_magnitude: float = 0.1
     field_sigma: float = 0.0
+    norm: str = "batch"
     checkpoint_every: int = 50
     seed: int = 0
 
@@ -91,6 +92,7 @@ class FitConfig:
             "routing": ("features+condition", "condition"),
             "schedule": ("joint", "alternating"),
             "smooth_kind": ("l1", "l2", "bending"),
+            "norm": ("batch", "group"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -380,6 +382,7 @@ def fit_simulator(
         num_experts=config.num_experts,
         routing=config.routing,
         smoothing_sigma=config.field_sigma,
+        norm=config.norm,
     ).to(device)
     main_opt = torch.optim.Adam(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     cycle_opt = (
