@@ -197,7 +197,7 @@ def test_augmentation_keeps_orientation_and_shape() -> None:
 def test_train_classifier_learns_and_writes_run(
     toy_cohort: Callable[..., Path], tmp_path: Path
 ) -> None:
-    manifest = toy_cohort(n=64, shape=(32, 32), seed=1, images_per_subject=2)
+    manifest = toy_cohort(n=64, shape=(32, 32), seed=1, effect=1.5, images_per_subject=2)
     run = tmp_path / "run"
     metrics = train_classifier(manifest, run, epochs=12, batch_size=8, seed=0, progress=False)
     assert metrics["test"]["balanced_accuracy"] >= 0.8
@@ -239,8 +239,15 @@ def test_train_classifier_3d_smoke_with_resampling(
 ) -> None:
     manifest = toy_cohort(n=20, shape=(12, 14, 12), seed=2)
     metrics = train_classifier(
-        manifest, tmp_path / "run3d", epochs=2, batch_size=4, shape=(16, 16, 16), progress=False
+        manifest,
+        tmp_path / "run3d",
+        epochs=2,
+        batch_size=4,
+        shape=(16, 16, 16),
+        progress=False,
+        select_by="val_auc",
     )
+    assert metrics["training"]["select_by"] == "val_auc"
     assert metrics["input_shape"] == [16, 16, 16]
     assert (tmp_path / "run3d" / "classifier.pt").is_file()
 
@@ -255,6 +262,7 @@ def test_train_classifier_3d_smoke_with_resampling(
         ({"augmentation": {"max_shift": -1}}, "max_shift"),
         ({"augmentation": {"flip": 1}}, "unknown augmentation"),
         ({"augmentation": {"noise_std": 2.0}}, "noise_std"),
+        ({"select_by": "val_accuracy"}, "select_by"),
     ],
 )
 def test_train_classifier_rejects_bad_arguments(tmp_path: Path, kwargs: dict, word: str) -> None:

@@ -147,11 +147,13 @@ def _finish(paths: dict[str, Path], run: Path) -> None:
     assert "finished" in out, err
 
 
-def _inode(path: Path) -> int | None:
+def _stamp(path: Path) -> tuple[int, int] | None:
+    """Identity of the file now at ``path`` (inode and mtime: inode numbers get reused)."""
     try:
-        return path.stat().st_ino
+        stat = path.stat()
     except FileNotFoundError:
         return None
+    return stat.st_ino, stat.st_mtime_ns
 
 
 def _state(run: Path) -> dict[str, torch.Tensor]:
@@ -198,17 +200,19 @@ def _kill_at_random_moment(prepared: dict[str, Path], run: Path, rng: random.Ran
     the next step (training or saving). Counting saves makes the kills land at any speed."""
     checkpoint = run / CHECKPOINT_NAME
     process = _launch(prepared, run)
-    saves, wanted, last, step_seconds = 0, rng.randint(1, 4), _inode(checkpoint), 0.05
-    stamp = time.monotonic()
-    deadline = stamp + 120
+    saves, wanted, last = 0, rng.randint(1, 4), _stamp(checkpoint)
+    step_seconds, saved_at = 0.05, None  # a step's duration, measured between two saves
+    deadline = time.monotonic() + 120
     while process.poll() is None and saves < wanted:
         assert time.monotonic() < deadline, "fit made no progress"
-        now = _inode(checkpoint)
+        now = _stamp(checkpoint)
         if now != last:
             saves, last = saves + 1, now
-            step_seconds, stamp = time.monotonic() - stamp, time.monotonic()
+            if saved_at is not None:
+                step_seconds = time.monotonic() - saved_at
+            saved_at = time.monotonic()
         time.sleep(0.002)
-    time.sleep(rng.uniform(0.0, min(step_seconds, 1.0)))
+    time.sleep(rng.uniform(0.0, min(step_seconds, 0.5)))
     assert process.poll() is None, "fit finished before it could be killed"
     os.kill(process.pid, signal.SIGKILL)
     process.communicate()

@@ -1,7 +1,8 @@
 """Command-line interface: parse arguments, call the Python API, print where things went.
 
 Kept thin on purpose: every command maps onto one API function. User errors
-(:class:`counterwarp.errors.CounterwarpError`) print one line on stderr and exit with 2.
+(:class:`counterwarp.errors.CounterwarpError`) and file-system errors (:class:`OSError`)
+print one line on stderr and exit with 2.
 """
 
 from __future__ import annotations

@@ -100,14 +100,16 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 def image_id(path: Path) -> str:
     """A file-name-safe id for an image: its name without NIfTI suffixes, sanitised.
 
-    Ids never contain path separators or start with a dot, so outputs stay inside --out.
+    Ids never contain path separators, and start with a letter or digit (never a dot, which
+    would hide the file, nor a dash, which shells read as an option), so outputs stay
+    visible inside --out.
     """
     name = path.name
     for suffix in (".nii.gz", ".nii"):
         if name.endswith(suffix):
             name = name[: -len(suffix)]
             break
-    cleaned = _UNSAFE.sub("_", name).strip("._") or "image"
+    cleaned = _UNSAFE.sub("_", name).strip("._-") or "image"
     return cleaned
 
 
