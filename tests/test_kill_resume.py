@@ -171,13 +171,6 @@ def _log(run: Path) -> list[dict[str, str]]:
         return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(handle)]
 
 
-LOG_GAP = (
-    "train/simulator.py writes the checkpoint before the step log, so a kill between the two "
-    "loses that step's log row for good; write the log first (_read_log already drops rows "
-    "past the checkpoint's step)"
-)
-
-
 def _compare_with_reference(run: Path, reference: Path) -> tuple[float, list[int]]:
     """Assert equal weights, log rows equal to the reference's where present, nothing left
     behind; return the max abs weight difference and the steps missing from the log."""
@@ -271,14 +264,10 @@ def test_fit_killed_at_random_moments_resumes_to_identical_weights(
     _finish(prepared, run)  # also removes the torn temporary (stale lock taken over)
     difference, missing = _compare_with_reference(run, _reference(prepared))
     assert difference == 0.0
-    # A kill between a checkpoint and its log row loses that row (LOG_GAP); that defect is
-    # pinned down by test_kill_between_checkpoint_and_log_loses_no_log_row, so it is only
-    # reported here.
     print(f"\nkills survived: {len(kills)} {kills} (seed {seed}); resumed weights vs "
           f"uninterrupted: max abs difference {difference}; log rows lost: {missing}")
 
 
-@pytest.mark.xfail(strict=True, reason=LOG_GAP)
 def test_kill_between_checkpoint_and_log_loses_no_log_row(
     prepared: dict[str, Path], tmp_path: Path
 ) -> None:

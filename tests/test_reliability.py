@@ -625,36 +625,10 @@ CLI_CASES: list[Case] = [
     _train_classifier_shape_case(),
 ]
 
-# Known defects outside the files this suite may change. Each entry says what is left on disk
-# today; once the defect is fixed the case fails ("fixed: remove it from KNOWN_LEFTOVERS").
-_SPLIT_EARLY = (
-    "train/classifier.py writes split.json before it validates the images; move "
-    "write_json_atomic(out / 'split.json', ...) (and out.mkdir) after dataset.preload()"
-)
-KNOWN_LEFTOVERS: dict[str, tuple[set[str], str]] = {
-    **{f"train-classifier-image-{kind}": ({"out/split.json"}, _SPLIT_EARLY)
-       for kind in ("unreadable", "empty", "truncated", "not_nifti", "four_d", "three_d",
-                    "nan", "inf", "constant", "all_zero")},
-    "train-classifier-shape_wrong_length": ({"out/split.json"}, _SPLIT_EARLY),
-    "train-classifier-shapes_differ_without_shape": ({"out/split.json"}, _SPLIT_EARLY),
-}
-KNOWN_TRACEBACKS: dict[str, str] = {
-    f"{command}-split_wrong_structure": (
-        "runs.read_split assumes split.json holds a dict of lists of dicts; check "
-        "isinstance(split, dict) and each item's 'path' before use"
-    )
-    for command in ("fit", "explain", "saliency", "benchmark")
-}
-
-
 def _params(cases: list[Case]) -> list:
     params = []
     for case in cases:
-        marks = []
-        if case.id in KNOWN_TRACEBACKS:
-            marks.append(pytest.mark.xfail(raises=(AttributeError, TypeError), strict=True,
-                                           reason=KNOWN_TRACEBACKS[case.id]))
-        params.append(pytest.param(case, id=case.id, marks=marks))
+        params.append(pytest.param(case, id=case.id))
     return params
 
 
@@ -687,11 +661,6 @@ def test_cli_bad_input(case: Case, world: World, tmp_path: Path,
     changed = {p for p in set(before) & set(after) if before[p] != after[p]}
     removed = set(before) - set(after)
     assert not changed and not removed, (changed, removed)
-    known = KNOWN_LEFTOVERS.get(case.id)
-    if known is not None:
-        files, reason = known
-        assert leftovers == files, f"fixed? remove {case.id} from KNOWN_LEFTOVERS ({leftovers})"
-        pytest.xfail(f"known partial output: {reason}")
     assert not leftovers, leftovers
 
 
@@ -1020,11 +989,6 @@ def test_manifest_paths_cannot_write_outside_out(command: str, world: World,
     assert len(ids) == len(HOSTILE_NAMES), ids
 
 
-_CHECKPOINT_CONTENTS = (
-    "train/simulator.py trusts the checkpoint's contents on resume: validate them in "
-    "load_checkpoint (fit_config types, state_dict / optimizer dicts, random_state byte "
-    "tensors, 0 <= step <= steps) and wrap the load_state_dict / set_state calls"
-)
 DAMAGED_CHECKPOINTS: dict[str, Callable[[dict], object]] = {
     "settings_wrong_type": lambda p: p["fit_config"].update(margin_sd="x"),
     "weights_missing": lambda p: p.pop("state_dict"),
@@ -1037,7 +1001,6 @@ DAMAGED_CHECKPOINTS: dict[str, Callable[[dict], object]] = {
 }
 
 
-@pytest.mark.xfail(strict=True, reason=_CHECKPOINT_CONTENTS)
 @pytest.mark.parametrize("kind", list(DAMAGED_CHECKPOINTS))
 def test_resume_from_a_damaged_checkpoint_is_a_clear_error(kind: str, world: World,
                                                            tmp_path: Path) -> None:

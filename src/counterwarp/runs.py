@@ -43,9 +43,17 @@ def read_split(run: str | Path) -> dict[str, Any]:
         split = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as error:
         raise CounterwarpError(f"{path}: unreadable split file ({error})") from None
+    if not isinstance(split, dict):
+        raise CounterwarpError(f"{path}: not a split file (expected a JSON object)")
     for part in SPLIT_PARTS:
-        if not isinstance(split.get(part), list):
-            raise CounterwarpError(f"{path}: missing the {part!r} part; retrain the classifier")
+        items = split.get(part)
+        if not isinstance(items, list) or not all(
+            isinstance(item, dict) and isinstance(item.get("path"), str) for item in items
+        ):
+            raise CounterwarpError(
+                f"{path}: the {part!r} part is missing or malformed (a list of objects with a "
+                f"'path' is expected); retrain the classifier to rewrite it"
+            )
     return split
 
 

@@ -19,6 +19,7 @@ import json
 import math
 import operator
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -238,11 +239,18 @@ def load_classifier(
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:
+        # weights_only refusals of a pickled object name a global that is "not an allowed
+        # global" / an "Unsupported global"; other unpickling errors mean a damaged file.
+        unsafe = isinstance(error, pickle.UnpicklingError) and any(
+            marker in str(error) for marker in ("allowed global", "Unsupported global")
+        )
         raise CounterwarpError(
-            f"{path}: cannot read the classifier checkpoint ({type(error).__name__}: "
-            f"{str(error).splitlines()[0] if str(error) else ''}). The file is corrupt, "
-            "truncated, or not a counterwarp checkpoint; retrain or re-copy it."
-        ) from error
+            f"{path}: cannot read it safely: it holds objects other than plain weights, "
+            "which counterwarp never unpickles (only weights-only checkpoints load)."
+            if unsafe
+            else f"{path}: cannot read the classifier checkpoint ({type(error).__name__}). The "
+            "file is corrupt, truncated, or not a counterwarp checkpoint; retrain or re-copy it."
+        ) from None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
         raise CounterwarpError(

@@ -52,7 +52,7 @@ from torch.optim.swa_utils import update_bn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from counterwarp import __version__
-from counterwarp._io import write_json_atomic, write_text_atomic
+from counterwarp._io import folder_lock, write_json_atomic, write_text_atomic
 from counterwarp.data.manifest import (
     SPLIT_PARTS,
     ManifestDataset,
@@ -311,7 +311,6 @@ def train_classifier(
     out = Path(out).expanduser()
     if out.exists() and not out.is_dir():
         raise CounterwarpError(f"--out {out} exists and is not a folder")
-    out.mkdir(parents=True, exist_ok=True)
     threads = configure_torch_threads()
     generator = seed_everything(seed)
     chosen_device = choose_device(device)
@@ -320,140 +319,141 @@ def train_classifier(
     manifest_path = resolve_manifest_path(manifest)
     split = split_by_subject(rows, fractions, seed)
     _check_split(rows, split, manifest_path)
-    write_json_atomic(
-        out / "split.json",
-        {
-            "manifest": str(manifest_path),
-            "seed": seed,
-            "fractions": list(fractions),
-            "positive_label": positive_label,
-            **{name: [_row_record(rows[i]) for i in split[name]] for name in SPLIT_PARTS},
-        },
-    )
 
     dataset = ManifestDataset(rows, shape=shape, cache=True)
     dataset.preload(progress=progress)
-    parts = {name: Subset(dataset, split[name]) for name in SPLIT_PARTS}
-    labels = {name: dataset.labels[split[name]] for name in SPLIT_PARTS}
-
-    model = Classifier(dataset.spatial_shape).to(chosen_device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=WEIGHT_DECAY)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
-        optimizer, T_max=epochs, eta_min=FINAL_LR_FRACTION * lr
-    )
-    n_positive = int(labels["train"].sum())
-    pos_weight = torch.tensor((len(labels["train"]) - n_positive) / n_positive)
-    criterion = nn.BCEWithLogitsLoss(pos_weight=pos_weight.to(chosen_device))
-    val_labels = torch.from_numpy(labels["val"]).float()
-    train_loader = DataLoader(
-        parts["train"],
-        batch_size=batch_size,
-        shuffle=True,
-        generator=generator,
-        num_workers=0,
-        drop_last=len(parts["train"]) > batch_size,
-    )
-
-    best_key: tuple[float, float] | None = None
-    best_state: dict[str, torch.Tensor] = {}
-    best_epoch = 0
-    log_records: list[dict[str, Any]] = []
-    bar = tqdm(range(1, epochs + 1), desc="training classifier", disable=not progress)
-    for epoch in bar:
-        epoch_started = time.perf_counter()
-        model.train()
-        loss_sum, seen = 0.0, 0
-        for images, targets in train_loader:
-            images = augment_batch(images.to(chosen_device), generator, **augment_settings)
-            targets = targets.to(chosen_device)
-            optimizer.zero_grad(set_to_none=True)
-            loss = criterion(model(images), targets)
-            loss.backward()
-            optimizer.step()
-            loss_sum += float(loss.detach()) * len(targets)
-            seen += len(targets)
-        train_loss = loss_sum / max(seen, 1)
-        epoch_lr = optimizer.param_groups[0]["lr"]
-        scheduler.step()
-        if RECALIBRATE_BATCHNORM:
-            update_bn(_batches(parts["train"], 2 * batch_size), model, chosen_device)
-        val_logits = torch.from_numpy(predict_logits(model, parts["val"], 2 * batch_size))
-        val_loss = float(criterion(val_logits.to(chosen_device), val_labels.to(chosen_device)))
-        val_auc = auc(val_logits, val_labels)
-        val_metrics = binary_metrics(val_logits, val_labels)
-        improved = _is_better(select_by, (val_auc, val_loss), best_key)
-        if improved:
-            best_key, best_epoch = (val_auc, val_loss), epoch
-            best_state = copy.deepcopy(model.state_dict())
-        log_records.append(
+    with folder_lock(out, "a classifier"):
+        write_json_atomic(
+            out / "split.json",
             {
-                "epoch": epoch,
-                "train_loss": f"{train_loss:.6f}",
-                "val_loss": f"{val_loss:.6f}",
-                "val_auc": "" if not math.isfinite(val_auc) else f"{val_auc:.6f}",
-                "val_balanced_accuracy": val_metrics["balanced_accuracy"],
-                "best": int(improved),
-                "lr": f"{epoch_lr:.3g}",
-                "seconds": f"{time.perf_counter() - epoch_started:.3f}",
+                "manifest": str(manifest_path),
+                "seed": seed,
+                "fractions": list(fractions),
+                "positive_label": positive_label,
+                **{name: [_row_record(rows[i]) for i in split[name]] for name in SPLIT_PARTS},
+            },
+        )
+        parts = {name: Subset(dataset, split[name]) for name in SPLIT_PARTS}
+        labels = {name: dataset.labels[split[name]] for name in SPLIT_PARTS}
+
+        model = Classifier(dataset.spatial_shape).to(chosen_device)
+        optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=WEIGHT_DECAY)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimizer, T_max=epochs, eta_min=FINAL_LR_FRACTION * lr
+        )
+        n_positive = int(labels["train"].sum())
+        pos_weight = torch.tensor((len(labels["train"]) - n_positive) / n_positive)
+        criterion = nn.BCEWithLogitsLoss(pos_weight=pos_weight.to(chosen_device))
+        val_labels = torch.from_numpy(labels["val"]).float()
+        train_loader = DataLoader(
+            parts["train"],
+            batch_size=batch_size,
+            shuffle=True,
+            generator=generator,
+            num_workers=0,
+            drop_last=len(parts["train"]) > batch_size,
+        )
+
+        best_key: tuple[float, float] | None = None
+        best_state: dict[str, torch.Tensor] = {}
+        best_epoch = 0
+        log_records: list[dict[str, Any]] = []
+        bar = tqdm(range(1, epochs + 1), desc="training classifier", disable=not progress)
+        for epoch in bar:
+            epoch_started = time.perf_counter()
+            model.train()
+            loss_sum, seen = 0.0, 0
+            for images, targets in train_loader:
+                images = augment_batch(images.to(chosen_device), generator, **augment_settings)
+                targets = targets.to(chosen_device)
+                optimizer.zero_grad(set_to_none=True)
+                loss = criterion(model(images), targets)
+                loss.backward()
+                optimizer.step()
+                loss_sum += float(loss.detach()) * len(targets)
+                seen += len(targets)
+            train_loss = loss_sum / max(seen, 1)
+            epoch_lr = optimizer.param_groups[0]["lr"]
+            scheduler.step()
+            if RECALIBRATE_BATCHNORM:
+                update_bn(_batches(parts["train"], 2 * batch_size), model, chosen_device)
+            val_logits = torch.from_numpy(predict_logits(model, parts["val"], 2 * batch_size))
+            val_loss = float(criterion(val_logits.to(chosen_device), val_labels.to(chosen_device)))
+            val_auc = auc(val_logits, val_labels)
+            val_metrics = binary_metrics(val_logits, val_labels)
+            improved = _is_better(select_by, (val_auc, val_loss), best_key)
+            if improved:
+                best_key, best_epoch = (val_auc, val_loss), epoch
+                best_state = copy.deepcopy(model.state_dict())
+            log_records.append(
+                {
+                    "epoch": epoch,
+                    "train_loss": f"{train_loss:.6f}",
+                    "val_loss": f"{val_loss:.6f}",
+                    "val_auc": "" if not math.isfinite(val_auc) else f"{val_auc:.6f}",
+                    "val_balanced_accuracy": val_metrics["balanced_accuracy"],
+                    "best": int(improved),
+                    "lr": f"{epoch_lr:.3g}",
+                    "seconds": f"{time.perf_counter() - epoch_started:.3f}",
+                }
+            )
+            write_text_atomic(out / "classifier_log.csv", _log_text(log_records))
+            bar.set_postfix(loss=f"{train_loss:.3f}", val_auc=f"{val_auc:.3f}")
+        bar.close()
+
+        model.load_state_dict(best_state)
+        training_settings = {
+            "epochs": epochs,
+            "batch_size": batch_size,
+            "lr": lr,
+            "weight_decay": WEIGHT_DECAY,
+            "final_lr_fraction": FINAL_LR_FRACTION,
+            "fractions": list(fractions),
+            "augmentation": augment_settings,
+            "recalibrate_batchnorm": RECALIBRATE_BATCHNORM,
+            "select_by": select_by,
+            "selection": SELECTION_RULES[select_by],
+        }
+        model.eval()
+        metrics: dict[str, Any] = {}
+        for name in ("test", "val", "train"):
+            logits = predict_logits(model, parts[name], 2 * batch_size)
+            metrics[name] = binary_metrics(logits, labels[name])
+            if name == "train":
+                metrics["train"]["logit_mean_by_label"] = {
+                    str(c): float(logits[labels[name] == c].mean()) for c in (0, 1)
+                }
+        metrics.update(
+            {
+                "best_epoch": best_epoch,
+                "epochs": epochs,
+                "train_logit_mean": metrics["train"]["logit_mean"],
+                "train_logit_std": metrics["train"]["logit_std"],
+                "input_shape": list(dataset.spatial_shape),
+                "positive_label": positive_label,
+                "seed": seed,
+                "training": training_settings,
+                "device": str(chosen_device),
+                "threads": threads,
+                "seconds": round(time.perf_counter() - started, 3),
             }
         )
-        write_text_atomic(out / "classifier_log.csv", _log_text(log_records))
-        bar.set_postfix(loss=f"{train_loss:.3f}", val_auc=f"{val_auc:.3f}")
-    bar.close()
-
-    model.load_state_dict(best_state)
-    training_settings = {
-        "epochs": epochs,
-        "batch_size": batch_size,
-        "lr": lr,
-        "weight_decay": WEIGHT_DECAY,
-        "final_lr_fraction": FINAL_LR_FRACTION,
-        "fractions": list(fractions),
-        "augmentation": augment_settings,
-        "recalibrate_batchnorm": RECALIBRATE_BATCHNORM,
-        "select_by": select_by,
-        "selection": SELECTION_RULES[select_by],
-    }
-    model.eval()
-    metrics: dict[str, Any] = {}
-    for name in ("test", "val", "train"):
-        logits = predict_logits(model, parts[name], 2 * batch_size)
-        metrics[name] = binary_metrics(logits, labels[name])
-        if name == "train":
-            metrics["train"]["logit_mean_by_label"] = {
-                str(c): float(logits[labels[name] == c].mean()) for c in (0, 1)
-            }
-    metrics.update(
-        {
-            "best_epoch": best_epoch,
-            "epochs": epochs,
-            "train_logit_mean": metrics["train"]["logit_mean"],
-            "train_logit_std": metrics["train"]["logit_std"],
-            "input_shape": list(dataset.spatial_shape),
-            "positive_label": positive_label,
-            "seed": seed,
-            "training": training_settings,
-            "device": str(chosen_device),
-            "threads": threads,
-            "seconds": round(time.perf_counter() - started, 3),
-        }
-    )
-    save_classifier(
-        out / "classifier.pt",
-        model,
-        {
-            "input_shape": list(dataset.spatial_shape),
-            "dim": dataset.dim,
-            "preprocessing": dict(PREPROCESSING_INFO),
-            "positive_label": positive_label,
-            "manifest": str(manifest_path),
-            "seed": seed,
-            "training": training_settings,
-            "best_epoch": best_epoch,
-            "train_logit_mean": metrics["train_logit_mean"],
-            "train_logit_std": metrics["train_logit_std"],
-            "counterwarp_version": __version__,
-        },
-    )
-    write_json_atomic(out / "classifier_metrics.json", metrics)
-    return metrics
+        save_classifier(
+            out / "classifier.pt",
+            model,
+            {
+                "input_shape": list(dataset.spatial_shape),
+                "dim": dataset.dim,
+                "preprocessing": dict(PREPROCESSING_INFO),
+                "positive_label": positive_label,
+                "manifest": str(manifest_path),
+                "seed": seed,
+                "training": training_settings,
+                "best_epoch": best_epoch,
+                "train_logit_mean": metrics["train_logit_mean"],
+                "train_logit_std": metrics["train_logit_std"],
+                "counterwarp_version": __version__,
+            },
+        )
+        write_json_atomic(out / "classifier_metrics.json", metrics)
+        return metrics

@@ -112,10 +112,26 @@ class FitConfig:
                 raise CounterwarpError(f"{name} must be a finite number >= 0, got {value!r}")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise CounterwarpError(f"lr must be a positive number, got {self.lr!r}")
-        if self.margin is not None and not (math.isfinite(self.margin) and self.margin > 0):
+        def positive_number(value: Any) -> bool:
+            return (isinstance(value, (int, float)) and not isinstance(value, bool)
+                    and math.isfinite(value) and value > 0)
+
+        if self.margin is not None and not positive_number(self.margin):
             raise CounterwarpError(f"margin must be a positive number, got {self.margin!r}")
-        if not (math.isfinite(self.margin_sd) and self.margin_sd > 0):
+        if not positive_number(self.margin_sd):
             raise CounterwarpError(f"margin_sd must be a positive number, got {self.margin_sd!r}")
+        for name in ("seed", "cycle_warmup"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise CounterwarpError(f"{name} must be an integer >= 0, got {value!r}")
+        if not (
+            isinstance(self.channels, tuple) and len(self.channels) >= 2
+            and all(isinstance(c, int) and not isinstance(c, bool) and c >= 1
+                    for c in self.channels)
+        ):
+            raise CounterwarpError(
+                f"channels must be two or more positive integers, got {self.channels!r}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         payload = dataclasses.asdict(self)
@@ -399,18 +415,35 @@ def fit_simulator(
         checkpoint_path = run_path / CHECKPOINT_NAME
         if resume and checkpoint_path.exists():
             state = load_checkpoint(checkpoint_path)
+            if not isinstance(state.get("fit_config"), dict):
+                raise CounterwarpError(
+                    f"{checkpoint_path}: damaged checkpoint (no settings); delete it or start "
+                    f"a new run folder"
+                )
             saved = FitConfig.from_dict(state["fit_config"])
             if saved.to_dict() != config.to_dict():
                 raise CounterwarpError(
                     f"{checkpoint_path} was written with other settings; resume with the same "
                     f"settings or start a new run folder"
                 )
-            net.load_state_dict(state["state_dict"])
-            main_opt.load_state_dict(state["optimizer"])
-            if cycle_opt is not None:
-                cycle_opt.load_state_dict(state["cycle_optimizer"])
-            _restore_random_state(state["random_state"], sampler)
-            start_step = int(state["step"])
+            start_step = state.get("step")
+            if not isinstance(start_step, int) or not 0 <= start_step <= config.steps:
+                raise CounterwarpError(
+                    f"{checkpoint_path}: step {start_step!r} is not within 0..{config.steps}; "
+                    f"delete the checkpoint or start a new run folder"
+                )
+            try:
+                net.load_state_dict(state["state_dict"])
+                main_opt.load_state_dict(state["optimizer"])
+                if cycle_opt is not None:
+                    cycle_opt.load_state_dict(state["cycle_optimizer"])
+                _restore_random_state(state["random_state"], sampler)
+            except (KeyError, TypeError, ValueError, RuntimeError) as error:
+                message = " ".join(str(error).split())[:200]
+                raise CounterwarpError(
+                    f"{checkpoint_path}: damaged checkpoint ({type(error).__name__}: "
+                    f"{message}); delete it or start a new run folder"
+                ) from None
             history = _read_log(run_path / LOG_NAME, start_step)
         elif not resume:
             for stale in (checkpoint_path, run_path / LOG_NAME):
@@ -435,8 +468,9 @@ def fit_simulator(
         }
         if cycle_opt is not None:
             payload["cycle_optimizer"] = cycle_opt.state_dict()
-        save_torch_atomic(run_path / CHECKPOINT_NAME, payload)
+        # the log first: a kill between the two keeps every row (resume drops extra rows)
         _write_log(run_path / LOG_NAME, history)
+        save_torch_atomic(run_path / CHECKPOINT_NAME, payload)
 
     net.train()
     bar = tqdm(
