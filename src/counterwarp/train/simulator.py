@@ -76,7 +76,7 @@ class FitConfig:
     margin: float | None = None
     margin_sd: float = 1.0
     w_shift: float = 1.0
-    w_cycle: float = 1.0
+    w_cycle: float = 5.0
     w_smooth: float = 1.0
     smooth_kind: str = "l2"
     w_magnitude: float = 0.1
@@ -420,7 +420,13 @@ def fit_simulator(
                     f"{checkpoint_path}: damaged checkpoint (no settings); delete it or start "
                     f"a new run folder"
                 )
-            saved = FitConfig.from_dict(state["fit_config"])
+            try:
+                saved = FitConfig.from_dict(state["fit_config"])
+            except (CounterwarpError, TypeError, ValueError) as error:
+                raise CounterwarpError(
+                    f"{checkpoint_path}: damaged settings ({error}); delete it or start a new "
+                    f"run folder"
+                ) from None
             if saved.to_dict() != config.to_dict():
                 raise CounterwarpError(
                     f"{checkpoint_path} was written with other settings; resume with the same "
