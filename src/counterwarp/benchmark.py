@@ -730,6 +730,7 @@ def run_benchmark(
         CounterwarpError: not a ``synth`` cohort, no classifier / simulator in the run, bad
             method names or occlusion patch, ``out`` an existing file. Nothing is written.
     """
+    from counterwarp.explain.saliency_run import check_occlusion_patch
     from counterwarp.nn.classifier import last_conv_layer
     from counterwarp.runs import load_images, load_run_classifier, model_shape, rows_in_split
     from counterwarp.train.common import choose_device
@@ -747,13 +748,7 @@ def run_benchmark(
     _validate_run(run)
     _, payload = load_run_classifier(run)
     shape = model_shape(payload)
-    if "occlusion" in chosen:
-        patch = occlusion_patch
-        if isinstance(patch, bool) or not isinstance(patch, int) or not 1 <= patch <= min(shape):
-            raise CounterwarpError(
-                f"--occlusion-patch must be an integer between 1 and {min(shape)} (the smallest "
-                f"side of the model grid {shape}), got {occlusion_patch!r}"
-            )
+    check_occlusion_patch(chosen, occlusion_patch, shape)
     rows = rows_in_split(run, data / "manifest.csv", "test",
                          positive_label=payload.get("positive_label"))
     truth = load_cohort_truth(data, rows, shape)

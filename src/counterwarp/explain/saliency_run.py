@@ -73,6 +73,17 @@ def parse_methods(methods: str | Sequence[str]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def check_occlusion_patch(methods: list[str], patch: object, shape: tuple[int, ...]) -> None:
+    """Refuse an occlusion patch that is not an integer in 1..min(shape) (model voxels)."""
+    if "occlusion" not in methods:
+        return
+    if isinstance(patch, bool) or not isinstance(patch, int) or not 1 <= patch <= min(shape):
+        raise CounterwarpError(
+            f"--occlusion-patch must be an integer between 1 and {min(shape)} (the smallest "
+            f"side of the model grid {shape}), got {patch!r}"
+        )
+
+
 def saliency_run(
     run: str | Path,
     out: str | Path,
@@ -123,13 +134,7 @@ def saliency_run(
         raise CounterwarpError(f"--out {out} exists and is not a folder; choose a folder path")
     model, payload = load_run_classifier(run)
     shape = model_shape(payload)
-    if "occlusion" in chosen:
-        patch = occlusion_patch
-        if isinstance(patch, bool) or not isinstance(patch, int) or not 1 <= patch <= min(shape):
-            raise CounterwarpError(
-                f"--occlusion-patch must be an integer between 1 and {min(shape)} (the smallest "
-                f"side of the model grid {shape}), got {occlusion_patch!r}"
-            )
+    check_occlusion_patch(chosen, occlusion_patch, shape)
     inputs = explain_inputs(
         run, manifest, split, list(images) if images else None, payload.get("positive_label")
     )
