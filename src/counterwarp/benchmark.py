@@ -732,7 +732,7 @@ def run_benchmark(
     """
     from counterwarp.explain.saliency_run import check_occlusion_patch
     from counterwarp.nn.classifier import last_conv_layer
-    from counterwarp.runs import load_images, load_run_classifier, model_shape, rows_in_split
+    from counterwarp.runs import load_images, model_shape, rows_in_split
     from counterwarp.train.common import choose_device
     from counterwarp.workflows import load_run_simulator
 
@@ -746,14 +746,13 @@ def run_benchmark(
         raise CounterwarpError(f"--out {out} exists and is not a folder; choose a folder path")
     _truth_dir(data)
     _validate_run(run)
-    _, payload = load_run_classifier(run)
+    simulator, payload = load_run_simulator(run)
     shape = model_shape(payload)
     check_occlusion_patch(chosen, occlusion_patch, shape)
     rows = rows_in_split(run, data / "manifest.csv", "test",
                          positive_label=payload.get("positive_label"))
     truth = load_cohort_truth(data, rows, shape)
     images, labels = load_images(rows, shape, progress=False)
-    simulator = load_run_simulator(run)
     torch_device = choose_device(device)
     assert simulator.net_ is not None and simulator.classifier_ is not None
     simulator.net_.to(torch_device)

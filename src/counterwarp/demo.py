@@ -17,7 +17,7 @@ from counterwarp._io import write_json_atomic
 from counterwarp.data.synthetic import synth
 from counterwarp.explain.assess import assess_simulator
 from counterwarp.report.html import report_run
-from counterwarp.runs import load_images, load_run_classifier, model_shape, rows_in_split
+from counterwarp.runs import load_images, model_shape, rows_in_split
 from counterwarp.train.classifier import train_classifier
 from counterwarp.workflows import explain_run, fit_run, load_run_simulator
 
@@ -77,8 +77,7 @@ def run_demo(
     explain_run(run, explained, manifest=manifest, split="test", progress=progress)
     timings["explain_s"] = time.perf_counter() - started
 
-    simulator = load_run_simulator(run)
-    _, payload = load_run_classifier(run)
+    simulator, payload = load_run_simulator(run)
     rows = rows_in_split(run, manifest, "test")
     images, labels = load_images(rows, model_shape(payload), progress=False)
     truth = _read_map(cohort / "truth" / "effect_log_volume_change.nii.gz")

@@ -87,11 +87,12 @@ def fit_run(
     return summary
 
 
-def load_run_simulator(run: str | Path) -> Simulator:
-    """The fitted simulator of a run folder, bound to the run's classifier."""
+def load_run_simulator(run: str | Path) -> tuple[Simulator, dict[str, Any]]:
+    """The fitted simulator of a run folder, bound to the run's classifier, and the
+    classifier checkpoint's metadata (input shape, positive label, ...)."""
     run = Path(run)
-    classifier, _ = load_run_classifier(run)
-    return Simulator.load(run / SIMULATOR_NAME, classifier)
+    classifier, payload = load_run_classifier(run)
+    return Simulator.load(run / SIMULATOR_NAME, classifier), payload
 
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -182,8 +183,7 @@ def explain_run(
     directions = ("remove", "inject") if direction == "both" else (direction,)
     if any(d not in ("remove", "inject") for d in directions):
         raise CounterwarpError(f"--direction {direction!r}: use remove, inject or both")
-    classifier, payload = load_run_classifier(run)
-    simulator = Simulator.load(run / SIMULATOR_NAME, classifier)
+    simulator, payload = load_run_simulator(run)
     if progression:
         check_progression_supported(simulator, progression)
     shape = model_shape(payload)

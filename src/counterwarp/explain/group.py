@@ -319,7 +319,7 @@ def _maps_from_simulator(
     import torch
 
     from counterwarp.data.preprocess import load_model_input
-    from counterwarp.runs import load_run_classifier, model_shape, read_split, rows_in_split
+    from counterwarp.runs import model_shape, read_split, rows_in_split
     from counterwarp.workflows import image_id, load_run_simulator
 
     split_info = read_split(run)
@@ -331,8 +331,7 @@ def _maps_from_simulator(
             )
         manifest = Path(recorded)
     manifest = Path(manifest)
-    simulator = load_run_simulator(run)
-    _, payload = load_run_classifier(run)
+    simulator, payload = load_run_simulator(run)
     rows = rows_in_split(run, manifest, split, positive_label=payload.get("positive_label"))
     if subset != "all":
         wanted = 0 if subset == "healthy" else 1

@@ -76,7 +76,7 @@ def explanation_panel(
     rows = len(columns[0][1])
     gray = matplotlib.colormaps["gray"].with_extremes(bad="black")
     fig, axes = plt.subplots(rows, 4, figsize=(12, 3 * rows + 0.6), squeeze=False)
-    anatomy = orthogonal_slices(image, point)
+    anatomy = columns[0][1]  # the original image's slices
     gray_limits = (float(np.percentile(image, 1)), float(np.percentile(image, 99.5)))
     for col, (name, slices, cmap, limit) in enumerate(columns):
         for row, data in enumerate(slices):
