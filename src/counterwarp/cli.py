@@ -36,6 +36,7 @@ def _cmd_synth(args: argparse.Namespace) -> None:
 
 
 def _cmd_train_classifier(args: argparse.Namespace) -> None:
+    from counterwarp.distributed import is_main
     from counterwarp.train.classifier import train_classifier
 
     metrics = train_classifier(
@@ -48,6 +49,8 @@ def _cmd_train_classifier(args: argparse.Namespace) -> None:
         shape=_shape(args.shape),
         positive_label=args.positive_label,
     )
+    if not is_main():  # under torchrun, rank 0 reports
+        return
     test = metrics["test"]
     print(
         f"classifier test metrics: accuracy {test['accuracy']:.3f}, balanced accuracy "
@@ -64,12 +67,15 @@ def _fit_settings(args: argparse.Namespace) -> dict:
 
 
 def _cmd_fit(args: argparse.Namespace) -> None:
+    from counterwarp.distributed import is_main
     from counterwarp.workflows import fit_run
 
     summary = fit_run(
         args.manifest, args.run, split=args.split, resume=args.resume, device=args.device,
         **_fit_settings(args),
     )
+    if not is_main():  # under torchrun, rank 0 reports
+        return
     final = summary["final_step"]
     print(
         f"simulator fitted on {summary['n_images']} images; margin {summary['margin']:.3f} "

@@ -6,6 +6,7 @@ its outputs atomically and returns a summary the CLI prints.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import re
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from counterwarp import distributed
 from counterwarp._io import (
     folder_lock,
     remove_stale_temps,
@@ -40,6 +42,7 @@ SUMMARY_COLUMNS = (
 )
 
 
+@distributed.in_process_group
 def fit_run(
     manifest: str | Path,
     run: str | Path,
@@ -53,22 +56,31 @@ def fit_run(
     """Fit the simulator for the run's classifier on the ``split`` images of ``manifest``.
 
     Writes ``RUN/simulator.pt``, ``RUN/simulator_fit.json`` (settings, derived margin, final
-    shares), ``RUN/simulator_log.csv`` (every step's losses) and checkpoints.
+    shares), ``RUN/simulator_log.csv`` (every step's losses) and checkpoints. Under torchrun
+    every rank trains (see :mod:`counterwarp.distributed`) and rank 0 alone takes the folder
+    lock and writes; every rank returns the same summary.
     """
     run = Path(run)
+    group = distributed.current()
+    progress = progress and group.is_main
     classifier, payload = load_run_classifier(run)
     simulator = Simulator(**settings)  # validates the settings before any work
     if device is not None:
         choose_device(device)  # an unknown device name is a user error, not a traceback
     rows = rows_in_split(run, manifest, split, positive_label=payload.get("positive_label"))
     images, _ = load_images(rows, model_shape(payload), progress=progress)
-    with folder_lock(run, "a simulator"):
-        # temporaries of a fit killed mid-write (only fit writes these names, under the lock)
-        remove_stale_temps(run, (CHECKPOINT_NAME, LOG_NAME, SIMULATOR_NAME, FIT_METRICS_NAME))
+    lock = folder_lock(run, "a simulator") if group.is_main else contextlib.nullcontext()
+    with lock:
+        if group.is_main:
+            # temporaries of a fit killed mid-write (only fit writes these names, under the lock)
+            remove_stale_temps(
+                run, (CHECKPOINT_NAME, LOG_NAME, SIMULATOR_NAME, FIT_METRICS_NAME)
+            )
         simulator.fit(
             classifier, images, run_dir=run, resume=resume, progress=progress, device=device
         )
-        simulator.save(run / SIMULATOR_NAME)
+        if group.is_main:
+            simulator.save(run / SIMULATOR_NAME)
         summary = {
             "manifest": str(Path(manifest).resolve()),
             "split": split,
@@ -83,7 +95,8 @@ def fit_run(
             "settings": simulator.config.to_dict(),
             "final_step": simulator.history_[-1] if simulator.history_ else {},
         }
-        write_json_atomic(run / FIT_METRICS_NAME, summary)
+        if group.is_main:
+            write_json_atomic(run / FIT_METRICS_NAME, summary)
     return summary
 
 

@@ -30,10 +30,19 @@ available but off by default: on the default synthetic cohort (32^3, 5.9 mm voxe
 one-voxel shift is about as large as the disease effect, learning started about ten epochs
 later, and held-out balanced accuracy was 0.83-0.90 with shifts vs 0.90-0.93 without
 (seed 0, several runs).
+
+Under ``torchrun`` (see :mod:`counterwarp.distributed`) ``batch_size`` is the global batch:
+every rank iterates over the same shuffled, augmented global batches and trains on its
+contiguous slice; gradients are averaged, BatchNorm uses global statistics (the
+recalibration runs on every rank over the whole training part, unsynchronised). Validation
+runs on every rank, and only rank 0 writes files. Dropout masks are drawn from a per-rank
+random stream, so with dropout an N-process run matches a 1-process one in distribution,
+not number for number.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import io
@@ -51,7 +60,7 @@ from torch import nn
 from torch.optim.swa_utils import update_bn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from counterwarp import __version__
+from counterwarp import __version__, distributed
 from counterwarp._io import folder_lock, write_json_atomic, write_text_atomic
 from counterwarp.data.manifest import (
     SPLIT_PARTS,
@@ -258,6 +267,7 @@ def _log_text(records: list[dict[str, Any]]) -> str:
     return buffer.getvalue()
 
 
+@distributed.in_process_group
 def train_classifier(
     manifest: str | os.PathLike[str],
     out: str | os.PathLike[str],
@@ -280,7 +290,8 @@ def train_classifier(
         out: run folder (created); receives ``split.json``, ``classifier.pt``,
             ``classifier_metrics.json`` and ``classifier_log.csv``.
         epochs: passes over the training part.
-        batch_size: images per step (>= 2).
+        batch_size: images per step (>= 2); under torchrun the global batch, divisible
+            by the number of processes.
         lr: Adam learning rate.
         seed: seeds the split, the initialisation, the data order and the augmentation.
         shape: model grid ``(H, W)`` / ``(D, H, W)`` in voxels; None keeps the images' own
@@ -313,30 +324,39 @@ def train_classifier(
         raise CounterwarpError(f"--out {out} exists and is not a folder")
     threads = configure_torch_threads()
     generator = seed_everything(seed)
-    chosen_device = choose_device(device)
+    group = distributed.current()
+    group.check_batch_size(batch_size, "batch size")
+    progress = progress and group.is_main
+    chosen_device = choose_device(distributed.local_device(device))
 
     rows = read_manifest(manifest, positive_label)
     manifest_path = resolve_manifest_path(manifest)
     split = split_by_subject(rows, fractions, seed)
     _check_split(rows, split, manifest_path)
+    if len(split["train"]) <= batch_size:  # one batch of the whole part: it must split too
+        group.check_batch_size(len(split["train"]), "the training part's size")
 
     dataset = ManifestDataset(rows, shape=shape, cache=True)
     dataset.preload(progress=progress)
-    with folder_lock(out, "a classifier"):
-        write_json_atomic(
-            out / "split.json",
-            {
-                "manifest": str(manifest_path),
-                "seed": seed,
-                "fractions": list(fractions),
-                "positive_label": positive_label,
-                **{name: [_row_record(rows[i]) for i in split[name]] for name in SPLIT_PARTS},
-            },
-        )
+    lock = folder_lock(out, "a classifier") if group.is_main else contextlib.nullcontext()
+    with lock:
+        split_record = {
+            "manifest": str(manifest_path),
+            "seed": seed,
+            "fractions": list(fractions),
+            "positive_label": positive_label,
+            **{name: [_row_record(rows[i]) for i in split[name]] for name in SPLIT_PARTS},
+        }
+        if group.is_main:
+            write_json_atomic(out / "split.json", split_record)
         parts = {name: Subset(dataset, split[name]) for name in SPLIT_PARTS}
         labels = {name: dataset.labels[split[name]] for name in SPLIT_PARTS}
 
         model = Classifier(dataset.spatial_shape).to(chosen_device)
+        if group.distributed:
+            model = distributed.convert_batchnorm(model)
+            group.broadcast_module(model)
+            group.seed_per_rank(seed)  # own dropout masks per rank
         optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=WEIGHT_DECAY)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
             optimizer, T_max=epochs, eta_min=FINAL_LR_FRACTION * lr
@@ -366,17 +386,21 @@ def train_classifier(
             for images, targets in train_loader:
                 images = augment_batch(images.to(chosen_device), generator, **augment_settings)
                 targets = targets.to(chosen_device)
+                images, targets = group.local_slice(images), group.local_slice(targets)
                 optimizer.zero_grad(set_to_none=True)
                 loss = criterion(model(images), targets)
                 loss.backward()
+                group.average_gradients(model.parameters())
                 optimizer.step()
                 loss_sum += float(loss.detach()) * len(targets)
                 seen += len(targets)
+            loss_sum, seen = group.sum_values(loss_sum, seen)
             train_loss = loss_sum / max(seen, 1)
             epoch_lr = optimizer.param_groups[0]["lr"]
             scheduler.step()
             if RECALIBRATE_BATCHNORM:
-                update_bn(_batches(parts["train"], 2 * batch_size), model, chosen_device)
+                with distributed.local_batchnorm(model):  # every rank sees the whole part
+                    update_bn(_batches(parts["train"], 2 * batch_size), model, chosen_device)
             val_logits = torch.from_numpy(predict_logits(model, parts["val"], 2 * batch_size))
             val_loss = float(criterion(val_logits.to(chosen_device), val_labels.to(chosen_device)))
             val_auc = auc(val_logits, val_labels)
@@ -397,11 +421,14 @@ def train_classifier(
                     "seconds": f"{time.perf_counter() - epoch_started:.3f}",
                 }
             )
-            write_text_atomic(out / "classifier_log.csv", _log_text(log_records))
+            if group.is_main:
+                write_text_atomic(out / "classifier_log.csv", _log_text(log_records))
             bar.set_postfix(loss=f"{train_loss:.3f}", val_auc=f"{val_auc:.3f}")
         bar.close()
 
         model.load_state_dict(best_state)
+        if group.distributed:
+            model = distributed.revert_batchnorm(model)
         training_settings = {
             "epochs": epochs,
             "batch_size": batch_size,
@@ -438,22 +465,23 @@ def train_classifier(
                 "seconds": round(time.perf_counter() - started, 3),
             }
         )
-        save_classifier(
-            out / "classifier.pt",
-            model,
-            {
-                "input_shape": list(dataset.spatial_shape),
-                "dim": dataset.dim,
-                "preprocessing": dict(PREPROCESSING_INFO),
-                "positive_label": positive_label,
-                "manifest": str(manifest_path),
-                "seed": seed,
-                "training": training_settings,
-                "best_epoch": best_epoch,
-                "train_logit_mean": metrics["train_logit_mean"],
-                "train_logit_std": metrics["train_logit_std"],
-                "counterwarp_version": __version__,
-            },
-        )
-        write_json_atomic(out / "classifier_metrics.json", metrics)
+        if group.is_main:
+            save_classifier(
+                out / "classifier.pt",
+                model,
+                {
+                    "input_shape": list(dataset.spatial_shape),
+                    "dim": dataset.dim,
+                    "preprocessing": dict(PREPROCESSING_INFO),
+                    "positive_label": positive_label,
+                    "manifest": str(manifest_path),
+                    "seed": seed,
+                    "training": training_settings,
+                    "best_epoch": best_epoch,
+                    "train_logit_mean": metrics["train_logit_mean"],
+                    "train_logit_std": metrics["train_logit_std"],
+                    "counterwarp_version": __version__,
+                },
+            )
+            write_json_atomic(out / "classifier_metrics.json", metrics)
         return metrics

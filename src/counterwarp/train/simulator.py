@@ -14,6 +14,11 @@ Two schedules:
 Checkpoints (``simulator_checkpoint.pt``) are written atomically every ``checkpoint_every``
 steps and hold the model, the optimisers, the step and every random state, so a resumed run
 reaches the same weights as an uninterrupted one.
+
+Under ``torchrun`` (see :mod:`counterwarp.distributed`) ``batch_size`` is the global batch:
+every rank draws it and trains on its contiguous slice, gradients are averaged after each
+backward, BatchNorm uses global statistics, the logged values are global means, and only
+rank 0 writes the checkpoint and the log (all ranks resume from the same checkpoint).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from counterwarp import distributed
 from counterwarp._io import save_torch_atomic, write_text_atomic
 from counterwarp.errors import CounterwarpError
 from counterwarp.losses import (
@@ -292,6 +298,22 @@ def _restore_random_state(state: dict[str, torch.Tensor], generator: torch.Gener
     generator.set_state(state["sampler"])
 
 
+def _restore_rank_random_state(
+    state: dict[str, Any], group: distributed.ProcessGroup, config: FitConfig, step: int
+) -> None:
+    """Each rank's own torch random state from a checkpoint of a distributed run.
+
+    A checkpoint written by another number of processes has no state for this rank: the
+    rank then gets a fresh stream (the run continues correctly, though not bit-exactly as
+    an uninterrupted one would).
+    """
+    by_rank = state.get("torch_by_rank")
+    if isinstance(by_rank, list) and len(by_rank) == group.world_size:
+        torch.set_rng_state(by_rank[group.rank])
+    else:
+        group.seed_per_rank(config.seed + step)
+
+
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """Load a simulator checkpoint with ``weights_only=True`` (never unpickles code)."""
     try:
@@ -333,6 +355,7 @@ def _format(value: float) -> str:
     return str(int(value)) if float(value).is_integer() and abs(value) < 1e15 else f"{value:.6g}"
 
 
+@distributed.in_process_group
 def fit_simulator(
     classifier: nn.Module,
     images: torch.Tensor,
@@ -354,7 +377,8 @@ def fit_simulator(
         run_dir: folder for checkpoints and the per-step CSV log (None: keep nothing).
         resume: continue from ``run_dir/simulator_checkpoint.pt`` when it exists.
         progress: show a tqdm progress bar with the losses and the moved-by-margin share.
-        device: torch device (default: CUDA when available, else CPU).
+        device: torch device (default: CUDA when available, else CPU; under torchrun
+            ``cuda:LOCAL_RANK``).
         on_step: called after every step with ``(step, logged values)`` (tests, callbacks).
         net_factory: builds the network instead of :class:`SimulatorNet`, called with the
             same arguments (e.g. ``counterwarp.benchmark.TwoSimulators`` for the ablation of
@@ -372,11 +396,15 @@ def fit_simulator(
         )
     if images.shape[0] < 2:
         raise CounterwarpError("need at least 2 training images to fit a simulator")
+    group = distributed.current()
+    group.check_batch_size(config.batch_size)
+    progress = progress and group.is_main
+    device = distributed.local_device(device)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     classifier = freeze(classifier).to(device)
     torch.manual_seed(config.seed)
 
-    logits = predict_in_batches(classifier, images)
+    logits = group.broadcast_(predict_in_batches(classifier, images))  # same pools everywhere
     if not torch.isfinite(logits).all():
         raise CounterwarpError("the classifier returned NaN/Inf logits on the training images")
     logit_mean, logit_std = float(logits.mean()), float(logits.std())
@@ -400,6 +428,10 @@ def fit_simulator(
         smoothing_sigma=config.field_sigma,
         norm=config.norm,
     ).to(device)
+    if group.distributed:
+        net = distributed.convert_batchnorm(net)
+        group.broadcast_module(net)
+        group.seed_per_rank(config.seed)  # own dropout masks per rank
     main_opt = torch.optim.Adam(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     cycle_opt = (
         torch.optim.Adam(net.parameters(), lr=config.lr / 2, weight_decay=config.weight_decay)
@@ -444,6 +476,8 @@ def fit_simulator(
                 if cycle_opt is not None:
                     cycle_opt.load_state_dict(state["cycle_optimizer"])
                 _restore_random_state(state["random_state"], sampler)
+                if group.distributed:
+                    _restore_rank_random_state(state["random_state"], group, config, start_step)
             except (KeyError, TypeError, ValueError, RuntimeError) as error:
                 message = " ".join(str(error).split())[:200]
                 raise CounterwarpError(
@@ -451,11 +485,14 @@ def fit_simulator(
                     f"{message}); delete it or start a new run folder"
                 ) from None
             history = _read_log(run_path / LOG_NAME, start_step)
-        elif not resume:
+        elif not resume and group.is_main:
             for stale in (checkpoint_path, run_path / LOG_NAME):
                 stale.unlink(missing_ok=True)
 
     terms = _LossTerms(net, classifier, config, margin)
+    average_gradients = (
+        (lambda: group.average_gradients(net.parameters())) if group.distributed else None
+    )
     all_logits = logits.to(device)
     images_on_device = images.to(device)
 
@@ -472,11 +509,17 @@ def fit_simulator(
             "optimizer": main_opt.state_dict(),
             "random_state": _random_state(sampler),
         }
+        if group.distributed:  # a collective: every rank takes part
+            payload["random_state"]["torch_by_rank"] = group.all_gather(torch.get_rng_state())
         if cycle_opt is not None:
             payload["cycle_optimizer"] = cycle_opt.state_dict()
+        if not group.is_main:
+            group.barrier()  # returns once rank 0 has written the checkpoint
+            return
         # the log first: a kill between the two keeps every row (resume drops extra rows)
         _write_log(run_path / LOG_NAME, history)
         save_torch_atomic(run_path / CHECKPOINT_NAME, payload)
+        group.barrier()
 
     net.train()
     bar = tqdm(
@@ -488,11 +531,13 @@ def fit_simulator(
         index, condition = _balanced_batch(
             inject_pool, remove_pool, config.batch_size, sampler
         )
+        index, condition = group.local_slice(index), group.local_slice(condition)
         batch = images_on_device[index]
         condition = condition.to(device)
         logit_before = all_logits[index]
         values = _train_step(terms, config, main_opt, cycle_opt, batch, condition,
-                             logit_before, step)
+                             logit_before, step, after_backward=average_gradients)
+        values = group.mean_values(values, values.keys())
         values.update(step=step + 1, lr=config.lr, seconds=time.perf_counter() - started)
         if not all(math.isfinite(values[k]) for k in ("loss", "shift", "cycle")):
             raise CounterwarpError(
@@ -509,6 +554,8 @@ def fit_simulator(
         if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
             save_checkpoint(step + 1)
     bar.close()
+    if group.distributed:
+        net = distributed.revert_batchnorm(net)
     net.eval()
     return FitResult(net, config, margin, logit_mean, logit_std, history)
 
@@ -522,8 +569,13 @@ def _train_step(
     condition: torch.Tensor,
     logit_before: torch.Tensor,
     step: int,
+    after_backward: Callable[[], None] | None = None,
 ) -> dict[str, float]:
-    """One optimisation step of the chosen schedule; returns the logged loss values."""
+    """One optimisation step of the chosen schedule; returns the logged loss values.
+
+    ``after_backward`` runs after every ``backward()``, before the optimiser's step (the
+    gradient averaging over the ranks of a distributed run).
+    """
     forward = terms.forward_terms(images, condition, logit_before)
     if cycle_opt is None:
         back = terms.cycle_terms(images, forward["simulated"], condition)
@@ -535,6 +587,8 @@ def _train_step(
         )
         main_opt.zero_grad(set_to_none=True)
         loss.backward()
+        if after_backward is not None:
+            after_backward()
         main_opt.step()
         cycle_value = float(back["cycle"].detach())
     else:
@@ -545,6 +599,8 @@ def _train_step(
         )
         main_opt.zero_grad(set_to_none=True)
         loss.backward()
+        if after_backward is not None:
+            after_backward()
         main_opt.step()
         if step >= config.cycle_warmup:
             simulated = simulate(terms.net, images, condition)[0]
@@ -552,6 +608,8 @@ def _train_step(
             cycle_total = config.w_cycle * back["cycle"]
             cycle_opt.zero_grad(set_to_none=True)
             cycle_total.backward()
+            if after_backward is not None:
+                after_backward()
             cycle_opt.step()
             cycle_value = float(back["cycle"].detach())
             loss = loss.detach() + cycle_total.detach()

@@ -1,0 +1,468 @@
+"""Data parallelism under ``torchrun``: the process group, gradient averaging, global BatchNorm.
+
+``counterwarp fit`` and ``counterwarp train-classifier`` (and the API functions behind them)
+run unchanged in one process, and in N processes when started by ``torchrun``, which sets
+``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``. With ``WORLD_SIZE`` unset or 1 everything here is
+a no-op and the single-process code path runs exactly as before.
+
+Semantics of an N-process run (``batch_size`` is always the GLOBAL batch):
+
+- every rank draws the same global batch (same seeded generator) and computes on its own
+  contiguous slice ``batch[rank * B/N : (rank + 1) * B/N]``; ``B`` must be divisible by N;
+- after every ``backward`` the gradients are averaged over the ranks
+  (:meth:`ProcessGroup.average_gradients`), so, the losses being means over the batch, the
+  averaged gradient is the gradient of the loss over the global batch and an N-process run
+  follows a 1-process run with the same global batch (up to float rounding);
+- BatchNorm layers of the network being trained are replaced, for the run, by
+  :class:`GlobalBatchNorm`, whose training statistics are those of the global batch (sums
+  all-reduced over the ranks, with gradients flowing through the reduction), so BatchNorm
+  does not make the N-process run differ either;
+- every rank ends with the same weights; only rank 0 writes files and shows progress bars.
+
+Why an explicit all-reduce after ``backward`` rather than
+:class:`torch.nn.parallel.DistributedDataParallel`: the simulator's joint schedule calls the
+network twice (forward warp, then the cycle back on its own output) before one backward,
+the alternating schedule uses two optimisers and two backward passes per step, the
+simulator also calls network methods other than ``forward`` (``displacements``), and with a
+contiguous slice one rank may see only one direction so that parts of a network
+(``TwoSimulators`` of the ablation) get no gradient on that rank. DDP's reducer relies on one
+forward per backward and on every rank marking the same parameters ready; handling all of
+the above would need ``find_unused_parameters``, ``static_graph`` or ``no_sync`` juggling per
+schedule. One flat all-reduce of the gradients after each backward is exact in all cases,
+costs one collective per backward (the networks here have a few million parameters at most,
+so overlapping communication with the backward pass, DDP's advantage, buys little), and
+leaves the single-process training loops untouched. BatchNorm is made global with our own
+:class:`GlobalBatchNorm` instead of :class:`torch.nn.SyncBatchNorm` because the latter only
+runs on GPUs, while the same code here runs (and is tested) on CPU with gloo and on GPU
+with NCCL.
+
+Backends: ``cpu:gloo,cuda:nccl`` when CUDA is available (collectives on CUDA tensors use
+NCCL, those on CPU tensors gloo), ``gloo`` otherwise. Each rank uses ``cuda:LOCAL_RANK``.
+
+Differences from a 1-process run that remain: float rounding (sums in another order), and
+dropout masks (the classifier's), which are drawn per rank from the rank's own random
+stream (see ``train_classifier``).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import functools
+import os
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import ParamSpec, TypeVar
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from counterwarp.errors import CounterwarpError
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+_PLAIN_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+RANK_SEED_STRIDE = 104729
+"""Rank ``r`` seeds torch's global generator with ``seed + RANK_SEED_STRIDE * r``."""
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise CounterwarpError(
+            f"environment variable {name}={raw!r} is not an integer; it is set by torchrun, "
+            f"unset it when not running under torchrun"
+        ) from None
+    if value < 0:
+        raise CounterwarpError(f"environment variable {name}={value} must be >= 0")
+    return value
+
+
+def environment() -> tuple[int, int, int]:
+    """``(rank, world_size, local_rank)`` read from ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``.
+
+    Unset variables mean one process: ``(0, 1, 0)``.
+
+    Raises:
+        CounterwarpError: a variable that is not a non-negative integer, or a rank outside
+            ``0 .. world_size - 1``.
+    """
+    world_size = max(_env_int("WORLD_SIZE", 1), 1)
+    rank = _env_int("RANK", 0)
+    local_rank = _env_int("LOCAL_RANK", rank)
+    if rank >= world_size:
+        raise CounterwarpError(f"RANK={rank} is not below WORLD_SIZE={world_size}")
+    return rank, world_size, local_rank
+
+
+def _initialized() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+@dataclass(frozen=True)
+class ProcessGroup:
+    """This process's place in a data-parallel run; ``ProcessGroup()`` is a single process.
+
+    Every method is a no-op (returns its input) when ``world_size == 1``.
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def distributed(self) -> bool:
+        """True when more than one process takes part."""
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """True on rank 0, the only rank that writes files and shows progress bars."""
+        return self.rank == 0
+
+    def check_batch_size(self, batch_size: int, name: str = "batch_size") -> None:
+        """Refuse a global batch that does not split evenly over the ranks."""
+        if self.distributed and batch_size % self.world_size != 0:
+            raise CounterwarpError(
+                f"{name}={batch_size} is the global batch and must be divisible by the number "
+                f"of processes ({self.world_size}); use e.g. {name}="
+                f"{max(1, batch_size // self.world_size) * self.world_size}"
+            )
+
+    def local_slice(self, batch: torch.Tensor) -> torch.Tensor:
+        """This rank's contiguous part of a global batch ``(B, ...)``: ``(B / N, ...)``."""
+        if not self.distributed:
+            return batch
+        size = batch.shape[0] // self.world_size
+        return batch[self.rank * size : (self.rank + 1) * size]
+
+    def average_gradients(self, parameters: Iterable[nn.Parameter]) -> None:
+        """Replace every ``.grad`` by its mean over the ranks (one all-reduce per dtype).
+
+        A parameter without a gradient on some rank counts as a zero gradient there; it
+        keeps ``grad = None`` only if no rank has a gradient for it (as in one process,
+        where a parameter unused by the whole batch has none and the optimiser skips it).
+        """
+        if not self.distributed:
+            return
+        by_dtype: dict[torch.dtype, list[nn.Parameter]] = {}
+        for parameter in parameters:
+            if parameter.requires_grad:
+                by_dtype.setdefault(parameter.dtype, []).append(parameter)
+        for group in by_dtype.values():
+            flat = torch.cat(
+                [
+                    (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                    for p in group
+                ]
+                + [
+                    torch.tensor(
+                        [p.grad is not None for p in group], dtype=group[0].dtype,
+                        device=group[0].device,
+                    )
+                ]
+            )
+            torch.distributed.all_reduce(flat)
+            present = flat[-len(group):]
+            offset = 0
+            for index, parameter in enumerate(group):
+                values = flat[offset : offset + parameter.numel()].view_as(parameter)
+                offset += parameter.numel()
+                if present[index] == 0:
+                    continue
+                values = values / self.world_size
+                if parameter.grad is None:
+                    parameter.grad = values.clone()
+                else:
+                    parameter.grad.copy_(values)
+
+    def sum_values(self, *values: float) -> tuple[float, ...]:
+        """Python numbers summed over the ranks (float64, via the CPU backend)."""
+        if not self.distributed:
+            return values
+        tensor = torch.tensor(values, dtype=torch.float64)
+        torch.distributed.all_reduce(tensor)
+        return tuple(float(v) for v in tensor)
+
+    def mean_values(self, values: dict[str, float], keys: Iterable[str]) -> dict[str, float]:
+        """``values`` with the entries ``keys`` replaced by their mean over the ranks.
+
+        With equal slices the mean of per-rank batch means is the global batch mean.
+        """
+        if not self.distributed:
+            return values
+        names = list(keys)
+        summed = self.sum_values(*(values[name] for name in names))
+        return {**values, **{n: s / self.world_size for n, s in zip(names, summed, strict=True)}}
+
+    def broadcast_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Overwrite ``tensor`` (in place) with rank 0's and return it."""
+        if self.distributed:
+            torch.distributed.broadcast(tensor, src=0)
+        return tensor
+
+    @torch.no_grad()
+    def broadcast_module(self, module: nn.Module) -> None:
+        """Give every rank rank 0's parameters and buffers (in place)."""
+        if not self.distributed:
+            return
+        for tensor in [*module.parameters(), *module.buffers()]:
+            torch.distributed.broadcast(tensor.data, src=0)
+
+    def all_gather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's ``tensor`` (same shape and dtype on all ranks), in rank order."""
+        if not self.distributed:
+            return [tensor]
+        gathered = [torch.empty_like(tensor) for _ in range(self.world_size)]
+        torch.distributed.all_gather(gathered, tensor.contiguous())
+        return gathered
+
+    def seed_per_rank(self, seed: int) -> None:
+        """Give each rank its own stream of torch's global random numbers (dropout masks).
+
+        Called after the network is initialised (identically on every rank). With one
+        stream for all ranks, sample ``j`` of every rank's slice would get the same mask.
+        """
+        if self.distributed:
+            torch.manual_seed(seed + RANK_SEED_STRIDE * self.rank)
+
+    def barrier(self) -> None:
+        """Wait until every rank got here (an all-reduce of one CPU number)."""
+        if self.distributed:
+            torch.distributed.all_reduce(torch.zeros(1))
+
+
+def current() -> ProcessGroup:
+    """The running process group, or a single process when none is initialised."""
+    if not _initialized():
+        return ProcessGroup()
+    rank = torch.distributed.get_rank()
+    local_rank = _env_int("LOCAL_RANK", rank)
+    return ProcessGroup(rank, torch.distributed.get_world_size(), local_rank)
+
+
+def is_main() -> bool:
+    """True on rank 0 of a running group, or (no group) when ``RANK`` is unset or 0."""
+    if _initialized():
+        return torch.distributed.get_rank() == 0
+    return environment()[0] == 0
+
+
+def barrier() -> None:
+    """Wait for every rank of the running group (no-op in a single process)."""
+    current().barrier()
+
+
+def init() -> ProcessGroup:
+    """Join the process group that ``torchrun`` describes in the environment.
+
+    No-op (returns the running group, or a single process) when a group is already
+    initialised or ``WORLD_SIZE`` is unset or 1. Picks NCCL for CUDA tensors and gloo for CPU
+    tensors, and makes ``cuda:LOCAL_RANK`` the current CUDA device. The group stays up
+    until the process exits (joining a second time in one process can hang on torchrun's
+    rendezvous store), so a script may call several training functions in a row.
+    """
+    if _initialized():
+        return current()
+    rank, world_size, local_rank = environment()
+    if world_size == 1:
+        return ProcessGroup()
+    if not torch.distributed.is_available():
+        raise CounterwarpError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
+    backend = "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        backend = "cpu:gloo,cuda:nccl"
+    torch.distributed.init_process_group(backend=backend, rank=rank, world_size=world_size)
+    atexit.register(destroy)
+    return current()
+
+
+def destroy() -> None:
+    """Leave the process group (no-op when none is initialised)."""
+    if _initialized():
+        torch.distributed.destroy_process_group()
+
+
+def in_process_group(function: Callable[P, R]) -> Callable[P, R]:
+    """Decorator: run ``function`` inside the torchrun process group, if there is one.
+
+    Joins the group described by the environment when needed (see :func:`init`) and,
+    after a successful call, waits for every rank, so that rank 0 has written its files
+    when any rank returns.
+    """
+
+    @functools.wraps(function)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        group = init()
+        result = function(*args, **kwargs)
+        group.barrier()
+        return result
+
+    return wrapper
+
+
+def local_device(device: str | torch.device | None) -> str | torch.device | None:
+    """The device this rank should use for ``device``.
+
+    In a single process ``device`` is returned unchanged. Under torchrun with CUDA, ``None``
+    and a bare ``"cuda"`` become ``cuda:LOCAL_RANK`` (an explicit ``cuda:N`` or ``cpu`` is
+    kept), so N ranks on one node use N GPUs.
+    """
+    group = current()
+    if not group.distributed or not torch.cuda.is_available():
+        return device
+    try:
+        requested = None if device is None else torch.device(device)
+    except (RuntimeError, TypeError):
+        return device  # an unknown name: the caller's check reports it
+    if requested is None or (requested.type == "cuda" and requested.index is None):
+        return torch.device("cuda", group.local_rank % torch.cuda.device_count())
+    return device
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """``y = sum over ranks of x`` (every rank gets y); ``dx = sum over ranks of dy``.
+
+    The backward is right because every rank's loss depends on the same ``y``: the
+    gradient of the summed losses with respect to one rank's ``x`` is the sum of all ranks'
+    ``dy``.
+    """
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, tensor: torch.Tensor) -> torch.Tensor:
+        summed = tensor.clone(memory_format=torch.contiguous_format)
+        torch.distributed.all_reduce(summed)
+        return summed
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> torch.Tensor:
+        summed = grad.clone(memory_format=torch.contiguous_format)
+        torch.distributed.all_reduce(summed)
+        return summed
+
+
+def _all_reduce_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over the ranks, differentiably (see :class:`_SumOverRanks`)."""
+    return _SumOverRanks.apply(tensor)
+
+
+class GlobalBatchNorm(_BatchNorm):
+    """BatchNorm whose training statistics are those of the global batch over all ranks.
+
+    In training mode within a process group the per-channel sum and count, then the sum of
+    squared deviations, are all-reduced (differentiably, so gradients flow to every rank's
+    inputs as in one process over the global batch); the running statistics are updated
+    with the global mean and unbiased variance, identically on every rank. In evaluation
+    mode, outside a process group, or with ``synchronize = False`` it is a plain BatchNorm.
+
+    Input ``(B, C, *S)`` with any number of spatial dims; same parameters and buffers as
+    :class:`torch.nn.BatchNorm3d` (``state_dict`` keys unchanged).
+    """
+
+    original_class: type[_BatchNorm] = nn.BatchNorm3d
+    synchronize: bool = True
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:  # noqa: A002 - torch's name
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (B, C, ...), got {input.dim()}D")
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002
+        if not (self.training and self.synchronize and current().distributed):
+            return super().forward(input)
+        self._check_input_dim(input)
+        factor = 0.0
+        if self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            factor = (1.0 / float(self.num_batches_tracked) if self.momentum is None
+                      else self.momentum)
+        dims = [0, *range(2, input.dim())]
+        shape = [1, -1] + [1] * (input.dim() - 2)
+        count = torch.tensor([input.numel() / input.shape[1]], dtype=input.dtype,
+                             device=input.device)
+        first = _all_reduce_with_grad(torch.cat([input.sum(dims), count]))
+        total = first[-1].detach()
+        mean = first[:-1] / total
+        centred = input - mean.view(shape)
+        variance = _all_reduce_with_grad((centred * centred).sum(dims)) / total
+        output = centred * torch.rsqrt(variance + self.eps).view(shape)
+        if self.affine:
+            output = output * self.weight.view(shape) + self.bias.view(shape)
+        if self.track_running_stats and self.running_mean is not None:
+            with torch.no_grad():
+                unbiased = variance * (total / (total - 1).clamp_min(1))
+                self.running_mean.mul_(1 - factor).add_(factor * mean)
+                self.running_var.mul_(1 - factor).add_(factor * unbiased)
+        return output
+
+
+def _swap_batchnorm(module: _BatchNorm, cls: type[_BatchNorm]) -> _BatchNorm:
+    """A ``cls`` BatchNorm sharing ``module``'s parameters and buffers (no copies)."""
+    new = cls(module.num_features, module.eps, module.momentum, module.affine,
+              module.track_running_stats)
+    if module.affine:
+        new.weight, new.bias = module.weight, module.bias
+    new.running_mean, new.running_var = module.running_mean, module.running_var
+    new.num_batches_tracked = module.num_batches_tracked
+    new.train(module.training)
+    return new
+
+
+def _replace(module: nn.Module, swap: Callable[[nn.Module], nn.Module | None]) -> nn.Module:
+    replaced = swap(module)
+    if replaced is not None:
+        return replaced
+    for name, child in module.named_children():
+        module.add_module(name, _replace(child, swap))
+    return module
+
+
+def convert_batchnorm(module: nn.Module) -> nn.Module:
+    """Replace (in place) every plain BatchNorm1d/2d/3d by a :class:`GlobalBatchNorm`.
+
+    Parameters and buffers are shared, so optimisers and ``state_dict`` keys are unaffected.
+    Returns ``module`` (or the replacement, if ``module`` itself is a BatchNorm).
+    """
+
+    def swap(child: nn.Module) -> nn.Module | None:
+        if type(child) in _PLAIN_BATCHNORMS:
+            new = _swap_batchnorm(child, GlobalBatchNorm)  # type: ignore[arg-type]
+            new.original_class = type(child)  # type: ignore[assignment]
+            return new
+        return None
+
+    return _replace(module, swap)
+
+
+def revert_batchnorm(module: nn.Module) -> nn.Module:
+    """Undo :func:`convert_batchnorm` (in place): back to the original BatchNorm classes."""
+
+    def swap(child: nn.Module) -> nn.Module | None:
+        if isinstance(child, GlobalBatchNorm):
+            return _swap_batchnorm(child, child.original_class)
+        return None
+
+    return _replace(module, swap)
+
+
+@contextlib.contextmanager
+def local_batchnorm(module: nn.Module) -> Iterator[nn.Module]:
+    """Within the block, :class:`GlobalBatchNorm` layers of ``module`` use local statistics.
+
+    For passes where every rank sees the same, whole data (BatchNorm recalibration over the
+    training set), so synchronising would only count every image N times.
+    """
+    layers = [m for m in module.modules() if isinstance(m, GlobalBatchNorm)]
+    for layer in layers:
+        layer.synchronize = False
+    try:
+        yield module
+    finally:
+        for layer in layers:
+            layer.synchronize = True
