@@ -85,28 +85,34 @@ def _cmd_fit(args: argparse.Namespace) -> None:
 
 
 def _cmd_explain(args: argparse.Namespace) -> None:
+    from counterwarp.data.stream import parse_shard, table_name
     from counterwarp.workflows import explain_run
 
     rows = explain_run(
         args.run, args.out, manifest=args.manifest, split=args.split, images=args.images,
-        direction=args.direction, progression=args.progression,
+        direction=args.direction, progression=args.progression, shard=args.shard,
+        workers=args.workers,
     )
     moved = sum(bool(r["moved_by_margin"]) for r in rows)
+    table = table_name("summary.csv", parse_shard(args.shard))
     print(f"explained {len(rows)} image-direction pairs; {moved} moved past the margin")
-    print(f"wrote NIfTI maps, PNG panels and summary.csv to {Path(args.out)}")
+    print(f"wrote NIfTI maps, PNG panels and {table} to {Path(args.out)}")
 
 
 def _cmd_saliency(args: argparse.Namespace) -> None:
-    from counterwarp.explain.saliency_run import saliency_run
+    from counterwarp.data.stream import parse_shard, table_name
+    from counterwarp.explain.saliency_run import INDEX_NAME, saliency_run
 
     rows = saliency_run(
         args.run, args.out, methods=args.method, manifest=args.manifest, split=args.split,
         images=args.images, occlusion_patch=args.occlusion_patch, device=args.device,
+        shard=args.shard, workers=args.workers,
     )
     n_images = len({r["id"] for r in rows})
     n_methods = len({r["method"] for r in rows})
+    table = table_name(INDEX_NAME, parse_shard(args.shard))
     print(f"saliency: {n_images} images x {n_methods} methods")
-    print(f"wrote <id>_<method>.nii.gz maps, <id>_saliency.png panels and saliency_index.csv "
+    print(f"wrote <id>_<method>.nii.gz maps, <id>_saliency.png panels and {table} "
           f"to {Path(args.out)}")
 
 
@@ -154,6 +160,18 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     from counterwarp.demo import run_demo
 
     run_demo(args.out, quick=args.quick)
+
+
+def _add_stream_options(p: argparse.ArgumentParser, table: str) -> None:
+    """``--shard`` and ``--workers`` of the commands that stream many images."""
+    stem = table.rsplit(".", 1)[0]
+    p.add_argument("--shard", default=None, metavar="I/N",
+                   help=f"process only shard I of N (0-based; inputs I, I+N, I+2N, ...) for "
+                        f"cluster array jobs; writes {stem}.shard-I-of-N.csv instead of "
+                        f"{table}, so shards can share --out")
+    p.add_argument("--workers", type=int, default=0, metavar="N",
+                   help="background processes that read and preprocess the next images "
+                        "(default 0: read in the main process)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -226,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--progression", type=int, default=0, metavar="N",
                    help="also write <id>_<direction>_progression.gif with N frames along "
                         "x o exp(t v) (needs `fit --field velocity`)")
+    _add_stream_options(p, "summary.csv")
     p.set_defaults(func=_cmd_explain)
 
     p = sub.add_parser("saliency", help="classic saliency maps (Captum) of the run's classifier")
@@ -240,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="occlusion patch edge in model-grid voxels (default 4)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     p.add_argument("--out", required=True, type=Path)
+    _add_stream_options(p, "saliency_index.csv")
     p.set_defaults(func=_cmd_saliency)
 
     p = sub.add_parser("benchmark", help="score the simulator and saliency maps against the "

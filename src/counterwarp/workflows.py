@@ -25,7 +25,17 @@ from counterwarp._io import (
     write_json_atomic,
     write_text_atomic,
 )
-from counterwarp.data.preprocess import load_model_input, save_on_input_grid
+from counterwarp.data.preprocess import save_on_input_grid
+from counterwarp.data.stream import (
+    Shard,
+    check_headers,
+    check_workers,
+    parse_shard,
+    shard_positions,
+    stopped_early,
+    stream_images,
+    table_name,
+)
 from counterwarp.errors import CounterwarpError
 from counterwarp.explain.simulator import Explanation, Simulator
 from counterwarp.report.figures import explanation_panel
@@ -168,6 +178,21 @@ def unique_ids(inputs: list[ExplainInput]) -> list[str]:
     return ids
 
 
+def shard_inputs(
+    inputs: list[ExplainInput], shard: Shard | None, shape: tuple[int, ...]
+) -> tuple[list[ExplainInput], list[str]]:
+    """The inputs of ``shard`` and their ids, after a cheap check of their headers.
+
+    Ids are made unique over ALL inputs first, so shards sharing an output folder never
+    write the same file and together write exactly what an unsharded run writes.
+    """
+    ids = unique_ids(inputs)
+    positions = shard_positions(len(inputs), shard)
+    mine = [inputs[p] for p in positions]
+    check_headers([item.path for item in mine], shape)
+    return mine, [ids[p] for p in positions]
+
+
 def explain_run(
     run: str | Path,
     out: str | Path,
@@ -179,6 +204,8 @@ def explain_run(
     panels: bool = True,
     progression: int = 0,
     progress: bool = True,
+    shard: str | Shard | None = None,
+    workers: int = 0,
 ) -> list[dict[str, Any]]:
     """Explain images with the run's simulator; write NIfTI maps, PNG panels, summary.csv.
 
@@ -187,9 +214,18 @@ def explain_run(
     spatial dim it moves along), ``<id>_<direction>_log_volume_change.nii.gz``, all on the
     input's grid with the input's affine, and ``<id>_<direction>.png``. With
     ``progression=N`` (velocity-field simulators) also ``<id>_<direction>_progression.gif``.
+
+    Images are read one at a time through a DataLoader (``workers`` background processes
+    read ahead; see :mod:`counterwarp.data.stream`). ``shard="i/n"`` explains only inputs
+    ``i, i+n, i+2n, ...`` and writes ``summary.shard-<i>-of-<n>.csv`` instead of
+    ``summary.csv``, so the shards of an array job can share ``out``. Every setting, the
+    run and every input's header are checked before ``out`` is created; an image whose
+    voxel data turn out unusable stops the run when it is reached.
     """
     from counterwarp.explain.progression import check_progression_supported, write_progression
 
+    shard = parse_shard(shard)
+    check_workers(workers)
     run, out = Path(run), Path(out)
     if out.exists() and not out.is_dir():
         raise CounterwarpError(f"--out {out} exists and is not a folder; choose a folder path")
@@ -201,23 +237,29 @@ def explain_run(
         check_progression_supported(simulator, progression)
     shape = model_shape(payload)
     inputs = explain_inputs(run, manifest, split, images, payload.get("positive_label"))
-    # Validate every input before writing anything.
-    loaded = [load_model_input(item.path, shape) for item in inputs]
-    ids = unique_ids(inputs)
-    out.mkdir(parents=True, exist_ok=True)
+    mine, ids = shard_inputs(inputs, shard, shape)
+    table = table_name("summary.csv", shard)
     summary: list[dict[str, Any]] = []
-    bar = tqdm(total=len(inputs) * len(directions), desc="explain", disable=not progress)
-    for item, image_id_, (tensor, volume) in zip(inputs, ids, loaded, strict=True):
-        for name in directions:
-            explanation = simulator.explain(tensor.unsqueeze(0), name)
-            summary.append(
-                _write_explanation(out, image_id_, item, volume, explanation, panels)
-            )
-            if progression:
-                write_progression(out, image_id_, simulator, tensor, name, progression)
-            bar.update()
-    bar.close()
-    write_summary_csv(out / "summary.csv", summary)
+    done = 0
+    bar = tqdm(total=len(mine) * len(directions), desc="explain", disable=not progress)
+    try:
+        for k, tensor, volume in stream_images([item.path for item in mine], shape, workers):
+            out.mkdir(parents=True, exist_ok=True)  # once the first image has loaded
+            for name in directions:
+                explanation = simulator.explain(tensor.unsqueeze(0), name)
+                summary.append(
+                    _write_explanation(out, ids[k], mine[k], volume, explanation, panels)
+                )
+                if progression:
+                    write_progression(out, ids[k], simulator, tensor, name, progression)
+                bar.update()
+            done += 1
+    except CounterwarpError as error:
+        bar.leave = False  # no half-drawn bar above the one-line error
+        raise stopped_early(error, done, out, table) from None
+    finally:
+        bar.close()
+    write_summary_csv(out / table, summary)
     return summary
 
 

@@ -8,9 +8,16 @@ the input in any viewer. One PNG per image, ``OUT/<id>_saliency.png``, shows all
 methods side by side (on the model grid, over the z-scored image the classifier saw), and
 ``OUT/saliency_index.csv`` lists what was written.
 
-Everything that can be checked is checked before the first file is written: the method
-names, the occlusion patch, the classifier checkpoint, the split and every input image. A
-user error therefore leaves ``OUT`` untouched (not even created).
+Images are read one at a time through a DataLoader (``workers`` background processes read
+ahead), and ``shard="i/n"`` maps only inputs ``i, i+n, i+2n, ...`` and writes
+``OUT/saliency_index.shard-<i>-of-<n>.csv`` instead, so the shards of an array job can share
+``OUT`` (see :mod:`counterwarp.data.stream`).
+
+Everything that can be checked cheaply is checked before the first file is written: the
+method names, the occlusion patch, the shard and workers, the classifier checkpoint, the
+split and every input image's header. Such a user error leaves ``OUT`` untouched (not even
+created); an image whose voxel data turn out unusable (truncated, NaN, constant) stops the
+run when the stream reaches it.
 """
 
 from __future__ import annotations
@@ -24,13 +31,21 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from counterwarp._io import write_text_atomic
-from counterwarp.data.preprocess import load_model_input, save_on_input_grid
+from counterwarp.data.preprocess import save_on_input_grid
+from counterwarp.data.stream import (
+    Shard,
+    check_workers,
+    parse_shard,
+    stopped_early,
+    stream_images,
+    table_name,
+)
 from counterwarp.errors import CounterwarpError
 from counterwarp.explain.saliency import SALIENCY_METHODS, saliency_map, saliency_panel
 from counterwarp.nn.classifier import last_conv_layer
 from counterwarp.runs import load_run_classifier, model_shape
 from counterwarp.train.common import choose_device
-from counterwarp.workflows import explain_inputs, unique_ids
+from counterwarp.workflows import explain_inputs, shard_inputs
 
 INDEX_NAME = "saliency_index.csv"
 INDEX_COLUMNS = ("id", "path", "label", "method", "file", "panel")
@@ -95,6 +110,8 @@ def saliency_run(
     occlusion_patch: int = 4,
     progress: bool = True,
     device: str | None = None,
+    shard: str | Shard | None = None,
+    workers: int = 0,
 ) -> list[dict[str, Any]]:
     """Saliency maps of the run's classifier for each image, written as NIfTI and PNG.
 
@@ -111,12 +128,16 @@ def saliency_run(
         occlusion_patch: occlusion patch edge in model-grid voxels (1 .. smallest model size).
         progress: show a progress bar (stderr).
         device: torch device; None = CUDA when available, else CPU.
+        shard: ``"i/n"``: only inputs ``i, i+n, i+2n, ...`` (0-based); the index is then
+            ``saliency_index.shard-<i>-of-<n>.csv``. None (or ``"0/1"``): every input.
+        workers: background processes reading the next images (0: the main process).
 
     Writes:
         ``OUT/<id>_<method>.nii.gz``: float32 map on the input's grid, with its affine
         (units: see :mod:`counterwarp.explain.saliency`; model-grid values, not rescaled);
         ``OUT/<id>_saliency.png``: one panel per image with all methods;
-        ``OUT/saliency_index.csv``: the returned rows.
+        ``OUT/saliency_index.csv`` (sharded: ``saliency_index.shard-<i>-of-<n>.csv``): the
+        returned rows.
 
     Returns:
         one row per image and method: ``id``, ``path`` (input file, absolute), ``label``
@@ -125,11 +146,15 @@ def saliency_run(
 
     Raises:
         CounterwarpError: unknown method, bad occlusion patch, missing / bad classifier or
-            split, manifest and images both or neither given, unreadable input image, or
-            ``out`` being an existing file. Nothing is written in these cases.
+            split, manifest and images both or neither given, bad shard or workers,
+            unreadable input image, or ``out`` being an existing file. Nothing is written
+            in these cases, except for an image whose voxel data prove unusable after
+            earlier images were mapped.
     """
     run, out = Path(run).expanduser(), Path(out).expanduser()
     chosen = parse_methods(methods)
+    shard = parse_shard(shard)
+    check_workers(workers)
     if out.exists() and not out.is_dir():
         raise CounterwarpError(f"--out {out} exists and is not a folder; choose a folder path")
     model, payload = load_run_classifier(run)
@@ -138,17 +163,27 @@ def saliency_run(
     inputs = explain_inputs(
         run, manifest, split, list(images) if images else None, payload.get("positive_label")
     )
-    # Validate (and load) every input before writing anything.
-    loaded = [load_model_input(item.path, shape) for item in inputs]
-    ids = unique_ids(inputs)
+    mine, ids = shard_inputs(inputs, shard, shape)
+    table = table_name(INDEX_NAME, shard)
     torch_device = choose_device(device)
     model.to(torch_device)
     target_layer = last_conv_layer(model) if "gradcam" in chosen else None
 
-    out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
-    bar = tqdm(total=len(inputs) * len(chosen), desc="saliency", disable=not progress)
-    for item, id_, (tensor, volume) in zip(inputs, ids, loaded, strict=True):
+    bar = tqdm(total=len(mine) * len(chosen), desc="saliency", disable=not progress)
+    stream = stream_images([item.path for item in mine], shape, workers)
+    done = 0
+    while True:
+        try:
+            k, tensor, volume = next(stream)
+        except StopIteration:
+            break
+        except CounterwarpError as error:
+            bar.leave = False  # no half-drawn bar above the one-line error
+            bar.close()
+            raise stopped_early(error, done, out, table) from None
+        out.mkdir(parents=True, exist_ok=True)  # once the first image has loaded
+        item, id_ = mine[k], ids[k]
         batch = tensor.unsqueeze(0).to(torch_device)  # (1, 1, *S) z-scored, model grid
         maps = {}
         for method in chosen:
@@ -173,8 +208,9 @@ def saliency_run(
                 }
             )
         saliency_panel(tensor[0].numpy(), maps, panel, title=f"{id_}: saliency of the logit")
+        done += 1
     bar.close()
-    write_index_csv(out / INDEX_NAME, rows)
+    write_index_csv(out / table, rows)
     return rows
 
 
