@@ -9,6 +9,7 @@ from counterwarp.errors import CounterwarpError
 from counterwarp.losses import (
     cycle_loss,
     displacement_magnitude_loss,
+    folding_penalty,
     logit_shift_loss,
     mean_abs_gradient,
     moved_by_margin,
@@ -132,3 +133,20 @@ def test_magnitude_of_constant_field_is_a_squared() -> None:
     assert loss.item() == pytest.approx(2.25)
     loss.backward()
     assert u.grad is not None and u.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("shape", [(8, 9), (6, 7, 8)])
+def test_folding_penalty_is_zero_for_mild_fields_and_analytic_for_strong_ones(shape: tuple) -> None:
+    d = len(shape)
+    # uniform scaling by s: det = s**d everywhere
+    mild = _linear_field(shape, 0.2 * torch.eye(d, dtype=torch.float64))  # det 1.2**d
+    assert folding_penalty(mild).item() == 0.0
+    squeeze = _linear_field(shape, -0.9 * torch.eye(d, dtype=torch.float64))  # det 0.1**d
+    assert folding_penalty(squeeze, threshold=0.25).item() == pytest.approx(0.25 - 0.1**d)
+    mirror = torch.zeros(d, d, dtype=torch.float64)
+    mirror[0, 0] = -2.0  # p0 -> -p0: a reflection, det -1 (folded)
+    folded = _linear_field(shape, mirror).requires_grad_(True)
+    loss = folding_penalty(folded, threshold=0.25)
+    assert loss.item() == pytest.approx(0.25 + 1.0)
+    loss.backward()
+    assert folded.grad is not None and folded.grad.abs().sum() > 0

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from monai.losses import BendingEnergyLoss
 
 from counterwarp.errors import CounterwarpError
+from counterwarp.explain.volume import jacobian_determinant
 
 SmoothnessKind = Literal["l2", "l1", "bending"]
 SMOOTHNESS_KINDS: tuple[str, ...] = ("l2", "l1", "bending")
@@ -174,6 +175,25 @@ def displacement_magnitude_loss(displacement: torch.Tensor) -> torch.Tensor:
     """
     _check_field(displacement, "displacement_magnitude_loss")
     return (displacement**2).mean()
+
+
+def folding_penalty(displacement: torch.Tensor, threshold: float = 0.25) -> torch.Tensor:
+    """Penalty on near-singular or folding voxels: ``mean(relu(threshold - det(I + grad u)))``.
+
+    Zero wherever the local volume ratio ``det(I + grad u)`` stays above ``threshold``, so it
+    leaves moderate growth and shrinkage alone (the default 0.25 allows the anatomy to grow
+    up to 4x) and only acts where the warp stretches a point over its neighbours or folds
+    (``det <= 0``), which would otherwise dominate the log volume change maps.
+
+    Args:
+        displacement: ``(B, d, *S)`` in voxels.
+        threshold: smallest determinant left unpenalised (dimensionless, > 0).
+
+    Returns:
+        Scalar loss (dimensionless).
+    """
+    _check_field(displacement, "folding_penalty")
+    return torch.relu(threshold - jacobian_determinant(displacement)).mean()
 
 
 @torch.no_grad()
