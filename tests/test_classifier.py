@@ -196,6 +196,27 @@ def test_augmentation_keeps_orientation_and_shape() -> None:
         assert 0.85 * 18 < float(moved[index].sum()) < 1.15 * 18
 
 
+@pytest.mark.parametrize("shape", [(16, 16), (12, 12, 12)])
+def test_deformation_augmentation_is_a_smooth_random_warp(shape: tuple[int, ...]) -> None:
+    generator = seed_everything(0)
+    images = torch.zeros(3, 1, *shape)
+    images[(slice(None), slice(None), *(slice(n // 4, 3 * n // 4) for n in shape))] = 1.0
+    plain = dict(max_shift=0, intensity_range=0.0, noise_std=0.0)
+    warped = augment_batch(images, generator, deform_std=1.0, **plain)
+    again = augment_batch(images, seed_everything(0), deform_std=1.0, **plain)
+    torch.testing.assert_close(warped, again)  # reproducible from the generator
+    assert not torch.allclose(warped, images)  # the block's edges moved
+    assert not torch.allclose(warped[0], warped[1])  # one field per image
+    # a warp moves intensity, it does not create any: values stay within [0, 1], the
+    # block keeps roughly its volume and the far background stays 0
+    assert float(warped.min()) >= 0.0 and float(warped.max()) <= 1.0 + 1e-6
+    ratio = warped.sum(dim=tuple(range(1, warped.ndim))) / images[0].sum()
+    assert torch.all((ratio > 0.6) & (ratio < 1.4))
+    torch.testing.assert_close(
+        augment_batch(images, generator, deform_std=0.0, **plain), images
+    )
+
+
 def test_train_classifier_learns_and_writes_run(
     toy_cohort: Callable[..., Path], tmp_path: Path
 ) -> None:
@@ -264,6 +285,7 @@ def test_train_classifier_3d_smoke_with_resampling(
         ({"augmentation": {"max_shift": -1}}, "max_shift"),
         ({"augmentation": {"flip": 1}}, "unknown augmentation"),
         ({"augmentation": {"noise_std": 2.0}}, "noise_std"),
+        ({"augmentation": {"deform_std": -0.5}}, "deform_std"),
         ({"select_by": "val_accuracy"}, "select_by"),
     ],
 )

@@ -73,6 +73,7 @@ from counterwarp.data.manifest import (
 from counterwarp.data.preprocess import PREPROCESSING_INFO
 from counterwarp.errors import CounterwarpError
 from counterwarp.nn.classifier import Classifier, save_classifier
+from counterwarp.nn.warp import warp
 from counterwarp.train.common import (
     auc,
     binary_metrics,
@@ -85,7 +86,9 @@ WEIGHT_DECAY = 1e-4
 """Adam weight decay (L2) of the classifier's parameters."""
 FINAL_LR_FRACTION = 0.05
 """The learning rate decays along a cosine from ``lr`` to ``FINAL_LR_FRACTION * lr``."""
-AUGMENTATION: dict[str, float] = {"max_shift": 0, "intensity_range": 0.1, "noise_std": 0.05}
+AUGMENTATION: dict[str, float] = {
+    "max_shift": 0, "intensity_range": 0.1, "noise_std": 0.05, "deform_std": 0.0,
+}
 """Default keyword arguments of :func:`augment_batch` during training (see module docstring)."""
 RECALIBRATE_BATCHNORM = True
 """Before each validation, recompute the BatchNorm running statistics exactly over the
@@ -109,6 +112,7 @@ def augment_batch(
     max_shift: int = 2,
     intensity_range: float = 0.1,
     noise_std: float = 0.05,
+    deform_std: float = 0.0,
 ) -> torch.Tensor:
     """Light, orientation-preserving augmentation of a batch.
 
@@ -118,6 +122,10 @@ def augment_batch(
         max_shift: largest translation in voxels per axis (integer shifts, zero fill).
         intensity_range: each image is scaled by a factor uniform in ``1 ± intensity_range``.
         noise_std: sd of Gaussian noise added to non-zero voxels (z-score units).
+        deform_std: sd in voxels of a random smooth deformation (Gaussian noise on a grid
+            4 voxels apart, interpolated linearly, applied as a pull-back warp); 0 turns it
+            off. It teaches the classifier that warping and interpolation by themselves are
+            not evidence of disease, so a simulator cannot move its logit by blurring.
 
     Returns:
         augmented ``(B, 1, *spatial)`` tensor on the device of ``images``.
@@ -138,6 +146,14 @@ def augment_batch(
             )
             shifted.append(padded[(b, slice(None), *window)])
         out = torch.stack(shifted)
+    if deform_std > 0:
+        spatial = tuple(images.shape[2:])
+        coarse = torch.randn(
+            (batch, dim, *(max(2, n // 4) for n in spatial)), generator=generator
+        )
+        mode = "bilinear" if dim == 2 else "trilinear"
+        field = F.interpolate(coarse, size=spatial, mode=mode, align_corners=True) * deform_std
+        out = warp(out, field.to(device=device, dtype=out.dtype))
     if noise_std > 0:
         noise = torch.randn(out.shape, generator=generator).to(device) * noise_std
         out = out + noise * (out != 0)
@@ -216,6 +232,9 @@ def _augmentation_settings(overrides: dict[str, float] | None) -> dict[str, Any]
         value = settings[name]
         if not isinstance(value, (int, float)) or not 0 <= value < 1:
             raise CounterwarpError(f"{name} must be a number in [0, 1), got {value!r}")
+    deform = settings["deform_std"]
+    if isinstance(deform, bool) or not isinstance(deform, (int, float)) or not 0 <= deform <= 5:
+        raise CounterwarpError(f"deform_std must be a number of voxels in [0, 5], got {deform!r}")
     return settings
 
 
