@@ -11,6 +11,8 @@ on features and condition) in one choice each:
     (b) velocity stationary velocity field integrated by scaling and squaring (diffeomorphic)
     (c) nocycle  no cycle-consistency loss (``w_cycle = 0``)
     (d) routing  CondConv routing on the condition alone instead of features + condition
+    (e) antisymmetric  one field g(x) predicted without the condition; inject warps with
+                 g, remove with -g (the exact inverse for a velocity field)
 
 Every configuration is fitted with each seed on the classifier's train+val images and
 evaluated on its held-out test images (``counterwarp.benchmark``): share moved past the
@@ -73,8 +75,11 @@ CONFIGURATIONS: dict[str, tuple[str, dict[str, Any], bool]] = {
     "velocity": ("(b) velocity field instead of displacement", {"field": "velocity"}, False),
     "nocycle": ("(c) without the cycle loss", {"w_cycle": 0.0}, False),
     "routing": ("(d) routing on the condition alone", {"routing": "condition"}, False),
+    "antisymmetric": (
+        "(e) antisymmetric: one field g(x), remove = -inject", {"antisymmetric": True}, False
+    ),
 }
-ARMS = {"a": "two", "b": "velocity", "c": "nocycle", "d": "routing"}
+ARMS = {"a": "two", "b": "velocity", "c": "nocycle", "d": "routing", "e": "antisymmetric"}
 MOVED_MIN = 0.5
 FOLDING_MAX = 0.005
 #: (key, column title, scale) of the table; values are mean +- sd over seeds.
@@ -105,8 +110,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--run", type=Path, default=None,
                    help="run folder with classifier.pt and split.json for --data "
                         "(default: train one in OUT/run)")
-    p.add_argument("--arms", default="a,b,c,d",
-                   help="ablations to run besides the default, comma-separated from a,b,c,d")
+    p.add_argument("--arms", default="a,b,c,d,e",
+                   help="ablations to run besides the default, comma-separated from a,b,c,d,e")
     p.add_argument("--seeds", type=int, default=3, help="seeds per configuration (>= 1)")
     p.add_argument("--n", type=int, default=160, help="subjects of a new cohort")
     p.add_argument("--dim", type=int, choices=(2, 3), default=2, help="dims of a new cohort")
@@ -260,7 +265,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         arms = [a.strip() for a in args.arms.split(",") if a.strip()]
         unknown = [a for a in arms if a not in ARMS]
         if unknown or args.seeds < 1:
-            raise CounterwarpError(f"--arms takes letters from a,b,c,d (got {args.arms!r}); "
+            raise CounterwarpError(f"--arms takes letters from a,b,c,d,e (got {args.arms!r}); "
                                    f"--seeds must be >= 1 (got {args.seeds})")
         names = ["default"] + [ARMS[a] for a in arms]
         data, run = prepare(args)

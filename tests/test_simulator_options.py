@@ -1,4 +1,5 @@
-"""Options of the simulator network: GroupNorm and Gaussian smoothing of the field."""
+"""Options of the simulator network: GroupNorm, Gaussian smoothing of the field and the
+antisymmetric (one disease direction) form."""
 
 from __future__ import annotations
 
@@ -66,3 +67,29 @@ def test_smoothing_sigma_smooths_the_network_output():
     smooth = net(x, c)
     roughness = lambda f: (f[..., 1:, :] - f[..., :-1, :]).abs().mean()  # noqa: E731
     assert roughness(smooth) < roughness(rough)
+
+
+@pytest.mark.parametrize("field", ["displacement", "velocity"])
+def test_antisymmetric_remove_is_the_negated_inject_field(field: str) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(3, 1, 16, 16)
+    c = torch.tensor([1.0, -1.0, 1.0])
+    net = _trained_once(SimulatorNet((16, 16), field=field, antisymmetric=True, **SMALL), x, c)
+    net.eval()
+    inject, remove = net(x, torch.ones(3)), net(x, -torch.ones(3))
+    assert inject.abs().mean() > 1e-4
+    torch.testing.assert_close(remove, -inject)
+    if field == "velocity":  # exp(-v) is the exact inverse: remove undoes inject
+        forward, inverse = net.displacements(inject)
+        torch.testing.assert_close(net.displacements(remove)[0], inverse)
+        assert forward.abs().mean() > 1e-4
+    # the plain conditional network has no such constraint
+    plain = _trained_once(SimulatorNet((16, 16), field=field, **SMALL), x, c).eval()
+    assert not torch.allclose(plain(x, -torch.ones(3)), -plain(x, torch.ones(3)), atol=1e-5)
+
+
+def test_antisymmetric_round_trips_and_is_validated():
+    net = SimulatorNet((16, 16), antisymmetric=True, **SMALL)
+    assert SimulatorNet.from_config(net.config).config["antisymmetric"] is True
+    with pytest.raises(CounterwarpError, match="antisymmetric"):
+        SimulatorNet((16, 16), antisymmetric="yes", **SMALL)  # type: ignore[arg-type]

@@ -188,6 +188,10 @@ def _validated(cfg: dict[str, Any]) -> dict[str, Any]:
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
         raise CounterwarpError(f"SimulatorNet: routing_dropout must be in [0, 1), got {p!r}.")
     out["routing_dropout"] = float(p)
+    if not isinstance(cfg["antisymmetric"], bool):
+        raise CounterwarpError(
+            f"SimulatorNet: antisymmetric must be true or false, got {cfg['antisymmetric']!r}."
+        )
     if num_levels(shape, len(channels) - 1) < 1:
         raise CounterwarpError(
             f"SimulatorNet: input_shape {list(shape)} cannot be pooled by 2 (every size must be "
@@ -217,6 +221,10 @@ class SimulatorNet(nn.Module):
             same in training and evaluation, which matters for small batches and 2^3 maps).
         smoothing_sigma: if > 0, the raw field is Gaussian-smoothed with this sigma (voxels),
             so every deformation the simulator can express is smooth at that scale.
+        antisymmetric: if True, the network predicts one field ``g(x)``, "the disease
+            direction at x", without looking at the condition, and returns ``c * g(x)``:
+            "remove" is then exactly the negated "inject" field (with ``field="velocity"``,
+            its exact inverse), so both directions train one and the same quantity.
     """
 
     def __init__(
@@ -232,6 +240,7 @@ class SimulatorNet(nn.Module):
         routing_dropout: float = 0.1,
         smoothing_sigma: float = 0.0,
         norm: str = "batch",
+        antisymmetric: bool = False,
     ) -> None:
         super().__init__()
         cfg = _validated(
@@ -247,6 +256,7 @@ class SimulatorNet(nn.Module):
                 routing_dropout=routing_dropout,
                 smoothing_sigma=smoothing_sigma,
                 norm=norm,
+                antisymmetric=antisymmetric,
             )
         )
         self._cfg = cfg
@@ -327,6 +337,9 @@ class SimulatorNet(nn.Module):
             c = c.expand(x.shape[0])
         if c.shape != (x.shape[0],):
             raise ValueError(f"condition must have shape ({x.shape[0]},), got {tuple(c.shape)}.")
+        direction = c
+        if self._cfg["antisymmetric"]:
+            c = torch.ones_like(c)
 
         h = self.inlet(x, c)
         skips = [h]
@@ -342,6 +355,8 @@ class SimulatorNet(nn.Module):
             out = m * torch.tanh(out / m)
         if self._cfg["smoothing_sigma"] > 0:
             out = gaussian_smooth(out, self._cfg["smoothing_sigma"])
+        if self._cfg["antisymmetric"]:
+            out = out * direction.view(-1, *([1] * (out.ndim - 1)))
         return out
 
     def displacements(self, raw_field: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -373,6 +388,7 @@ _DEFAULTS: dict[str, Any] = {
     "routing_dropout": 0.1,
     "smoothing_sigma": 0.0,
     "norm": "batch",
+    "antisymmetric": False,
 }
 
 

@@ -43,6 +43,7 @@ from counterwarp.errors import CounterwarpError
 from counterwarp.losses import (
     cycle_loss,
     displacement_magnitude_loss,
+    folding_penalty,
     logit_shift_loss,
     moved_by_margin,
     smoothness_loss,
@@ -86,8 +87,10 @@ class FitConfig:
     w_smooth: float = 1.0
     smooth_kind: str = "l2"
     w_magnitude: float = 0.1
+    w_fold: float = 0.0
     field_sigma: float = 0.0
     norm: str = "batch"
+    antisymmetric: bool = False
     checkpoint_every: int = 50
     seed: int = 0
 
@@ -110,8 +113,8 @@ class FitConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise CounterwarpError(f"{name} must be a positive integer, got {value!r}")
-        non_negative = ("w_shift", "w_cycle", "w_smooth", "w_magnitude", "weight_decay",
-                        "field_sigma")
+        non_negative = ("w_shift", "w_cycle", "w_smooth", "w_magnitude", "w_fold",
+                        "weight_decay", "field_sigma")
         for name in non_negative:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
@@ -137,6 +140,10 @@ class FitConfig:
         ):
             raise CounterwarpError(
                 f"channels must be two or more positive integers, got {self.channels!r}"
+            )
+        if not isinstance(self.antisymmetric, bool):
+            raise CounterwarpError(
+                f"antisymmetric must be true or false, got {self.antisymmetric!r}"
             )
 
     def to_dict(self) -> dict[str, Any]:
@@ -246,22 +253,27 @@ class _LossTerms:
         self.config = config
         self.margin = margin
 
-    def regulariser(self, displacement: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        smooth = smoothness_loss(displacement, kind=self.config.smooth_kind)
-        magnitude = displacement_magnitude_loss(displacement)
-        return smooth, magnitude
+    def regulariser(self, displacement: torch.Tensor) -> torch.Tensor:
+        """Weighted sum of the penalties on a displacement ``(B, d, *S)``: smoothness,
+        magnitude and (when ``w_fold > 0``) near-singular / folding voxels."""
+        config = self.config
+        total = config.w_smooth * smoothness_loss(displacement, kind=config.smooth_kind)
+        total = total + config.w_magnitude * displacement_magnitude_loss(displacement)
+        if config.w_fold > 0:
+            total = total + config.w_fold * folding_penalty(displacement)
+        return total
 
     def forward_terms(
         self, images: torch.Tensor, condition: torch.Tensor, logit_before: torch.Tensor
     ) -> dict[str, torch.Tensor]:
         simulated, displacement, _, _ = simulate(self.net, images, condition)
         logit_after = classifier_logits(self.classifier, simulated)
-        smooth, magnitude = self.regulariser(displacement)
         return {
             "simulated": simulated,
             "shift": logit_shift_loss(logit_before, logit_after, condition, self.margin),
-            "smooth": smooth,
-            "magnitude": magnitude,
+            "regulariser": self.regulariser(displacement),
+            "smooth": smoothness_loss(displacement.detach(), kind=self.config.smooth_kind),
+            "magnitude": displacement_magnitude_loss(displacement.detach()),
             "moved": moved_by_margin(logit_before, logit_after, condition, self.margin),
         }
 
@@ -269,8 +281,12 @@ class _LossTerms:
         self, images: torch.Tensor, simulated: torch.Tensor, condition: torch.Tensor
     ) -> dict[str, torch.Tensor]:
         cycled, back_displacement, _, _ = simulate(self.net, simulated, -condition)
-        smooth, magnitude = self.regulariser(back_displacement)
-        return {"cycle": cycle_loss(images, cycled), "smooth": smooth, "magnitude": magnitude}
+        return {
+            "cycle": cycle_loss(images, cycled),
+            "regulariser": self.regulariser(back_displacement),
+            "smooth": smoothness_loss(back_displacement.detach(), kind=self.config.smooth_kind),
+            "magnitude": displacement_magnitude_loss(back_displacement.detach()),
+        }
 
 
 def _balanced_batch(
@@ -427,6 +443,7 @@ def fit_simulator(
         routing=config.routing,
         smoothing_sigma=config.field_sigma,
         norm=config.norm,
+        **({"antisymmetric": True} if config.antisymmetric else {}),
     ).to(device)
     if group.distributed:
         net = distributed.convert_batchnorm(net)
@@ -583,7 +600,7 @@ def _train_step(
         magnitude = (forward["magnitude"] + back["magnitude"]) / 2
         loss = (
             config.w_shift * forward["shift"] + config.w_cycle * back["cycle"]
-            + config.w_smooth * smooth + config.w_magnitude * magnitude
+            + (forward["regulariser"] + back["regulariser"]) / 2
         )
         main_opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -593,10 +610,7 @@ def _train_step(
         cycle_value = float(back["cycle"].detach())
     else:
         smooth, magnitude = forward["smooth"], forward["magnitude"]
-        loss = (
-            config.w_shift * forward["shift"] + config.w_smooth * smooth
-            + config.w_magnitude * magnitude
-        )
+        loss = config.w_shift * forward["shift"] + forward["regulariser"]
         main_opt.zero_grad(set_to_none=True)
         loss.backward()
         if after_backward is not None:
