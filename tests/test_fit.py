@@ -125,3 +125,35 @@ def test_bad_settings_are_refused():
         Simulator(steps=0)
     with pytest.raises(CounterwarpError, match="unknown simulator settings"):
         Simulator(stepz=3)
+
+
+def test_fold_and_antisymmetric_settings_are_validated_and_wired():
+    with pytest.raises(CounterwarpError, match="w_fold"):
+        Simulator(w_fold=-1.0)
+    with pytest.raises(CounterwarpError, match="antisymmetric"):
+        Simulator(antisymmetric=1)
+    from counterwarp.losses import folding_penalty
+    from counterwarp.train.simulator import _LossTerms
+
+    mirror = torch.zeros(1, 2, *SHAPE)
+    mirror[:, 0] = -2.0 * torch.arange(SHAPE[0], dtype=torch.float32)[:, None]  # det -1
+    plain = _LossTerms(None, None, FitConfig(w_fold=0.0), 1.0).regulariser(mirror)  # type: ignore[arg-type]
+    folded = _LossTerms(None, None, FitConfig(w_fold=3.0), 1.0).regulariser(mirror)  # type: ignore[arg-type]
+    torch.testing.assert_close(folded - plain, 3.0 * folding_penalty(mirror))
+    assert float(folding_penalty(mirror)) > 1.0
+    sim = Simulator(antisymmetric=True, **TINY).fit(BlobScorer(), blob_images(8), progress=False)
+    assert sim.net_ is not None and sim.net_.config["antisymmetric"] is True
+    x = blob_images(2, seed=5)
+    inject = sim.net_(x, torch.ones(2))
+    torch.testing.assert_close(sim.net_(x, -torch.ones(2)), -inject)
+
+
+def test_fit_command_line_passes_the_new_settings():
+    from counterwarp.cli import _fit_settings, build_parser
+
+    base = ["fit", "--manifest", "m.csv", "--run", "r"]
+    parser = build_parser()
+    assert "antisymmetric" not in _fit_settings(parser.parse_args(base))
+    settings = _fit_settings(parser.parse_args([*base, "--no-antisymmetric", "--w-fold", "2"]))
+    assert settings["antisymmetric"] is False and settings["w_fold"] == 2.0
+    assert _fit_settings(parser.parse_args([*base, "--antisymmetric"]))["antisymmetric"] is True

@@ -61,8 +61,8 @@ def _cmd_train_classifier(args: argparse.Namespace) -> None:
 
 def _fit_settings(args: argparse.Namespace) -> dict:
     names = ("field", "steps", "batch_size", "lr", "schedule", "margin", "margin_sd",
-             "w_cycle", "w_smooth", "smooth_kind", "w_magnitude", "num_experts", "routing",
-             "checkpoint_every", "seed")
+             "w_cycle", "w_smooth", "smooth_kind", "w_magnitude", "w_fold", "num_experts",
+             "routing", "antisymmetric", "checkpoint_every", "seed")
     return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 
@@ -227,8 +227,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--w-smooth", type=float, default=None)
     p.add_argument("--smooth-kind", choices=("l1", "l2", "bending"), default=None)
     p.add_argument("--w-magnitude", type=float, default=None)
+    p.add_argument("--w-fold", type=float, default=None,
+                   help="weight of the penalty on near-singular / folded voxels (det < 0.25)")
     p.add_argument("--num-experts", type=int, default=None)
     p.add_argument("--routing", choices=("features+condition", "condition"), default=None)
+    p.add_argument("--antisymmetric", action=argparse.BooleanOptionalAction, default=None,
+                   help="one disease field g(x) for both directions (remove = -inject); "
+                        "--no-antisymmetric gives the paper's fully conditional simulator")
     p.add_argument("--checkpoint-every", type=int, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
