@@ -157,3 +157,19 @@ def test_fit_command_line_passes_the_new_settings():
     settings = _fit_settings(parser.parse_args([*base, "--no-antisymmetric", "--w-fold", "2"]))
     assert settings["antisymmetric"] is False and settings["w_fold"] == 2.0
     assert _fit_settings(parser.parse_args([*base, "--antisymmetric"]))["antisymmetric"] is True
+
+
+def test_cosine_learning_rate_decays_and_is_logged():
+    from counterwarp.train.simulator import learning_rate
+
+    constant = FitConfig(steps=10, lr=2e-3)
+    assert [learning_rate(constant, s) for s in (0, 5, 9)] == [2e-3] * 3
+    cosine = FitConfig(steps=10, lr=2e-3, lr_schedule="cosine")
+    rates = [learning_rate(cosine, s) for s in range(10)]
+    assert rates[0] == pytest.approx(2e-3) and rates[5] == pytest.approx(1e-3)
+    assert all(a > b for a, b in zip(rates[:-1], rates[1:], strict=True)) and rates[-1] > 0
+    with pytest.raises(CounterwarpError, match="lr_schedule"):
+        Simulator(lr_schedule="step")
+    sim = Simulator(lr_schedule="cosine", **TINY).fit(BlobScorer(), blob_images(8), progress=False)
+    logged = [row["lr"] for row in sim.history_]
+    assert logged == pytest.approx([learning_rate(sim.config, s) for s in range(TINY["steps"])])

@@ -60,7 +60,7 @@ def _cmd_train_classifier(args: argparse.Namespace) -> None:
 
 
 def _fit_settings(args: argparse.Namespace) -> dict:
-    names = ("field", "steps", "batch_size", "lr", "schedule", "margin", "margin_sd",
+    names = ("field", "steps", "batch_size", "lr", "lr_schedule", "schedule", "margin", "margin_sd",
              "w_cycle", "w_smooth", "smooth_kind", "w_magnitude", "w_fold", "num_experts",
              "routing", "antisymmetric", "checkpoint_every", "seed")
     return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
@@ -219,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--lr-schedule", choices=("constant", "cosine"), default=None,
+                   help="learning rate over the steps (cosine: decays to 0 at the last step)")
     p.add_argument("--schedule", choices=("joint", "alternating"), default=None)
     p.add_argument("--margin", type=float, default=None,
                    help="logit margin (default: --margin-sd x sd of training logits)")

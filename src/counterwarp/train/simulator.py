@@ -77,6 +77,7 @@ class FitConfig:
     steps: int = 300
     batch_size: int = 8
     lr: float = 1e-3
+    lr_schedule: str = "constant"
     weight_decay: float = 1e-4
     schedule: str = "joint"
     cycle_warmup: int = 20
@@ -102,6 +103,7 @@ class FitConfig:
             "schedule": ("joint", "alternating"),
             "smooth_kind": ("l1", "l2", "bending"),
             "norm": ("batch", "group"),
+            "lr_schedule": ("constant", "cosine"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -552,10 +554,15 @@ def fit_simulator(
         batch = images_on_device[index]
         condition = condition.to(device)
         logit_before = all_logits[index]
+        lr = learning_rate(config, step)
+        for optimiser, base in ((main_opt, 1.0), (cycle_opt, 0.5)):
+            if optimiser is not None:
+                for param_group in optimiser.param_groups:
+                    param_group["lr"] = base * lr
         values = _train_step(terms, config, main_opt, cycle_opt, batch, condition,
                              logit_before, step, after_backward=average_gradients)
         values = group.mean_values(values, values.keys())
-        values.update(step=step + 1, lr=config.lr, seconds=time.perf_counter() - started)
+        values.update(step=step + 1, lr=lr, seconds=time.perf_counter() - started)
         if not all(math.isfinite(values[k]) for k in ("loss", "shift", "cycle")):
             raise CounterwarpError(
                 f"the simulator loss became NaN/Inf at step {step + 1}; the last good "
@@ -575,6 +582,20 @@ def fit_simulator(
         net = distributed.revert_batchnorm(net)
     net.eval()
     return FitResult(net, config, margin, logit_mean, logit_std, history)
+
+
+def learning_rate(config: FitConfig, step: int) -> float:
+    """Learning rate of the main optimiser at 0-based ``step`` (the cycle optimiser of the
+    alternating schedule uses half of it).
+
+    ``"constant"``: ``config.lr``. ``"cosine"``: decays along half a cosine from
+    ``config.lr`` at step 0 to 0 after the last step, so the field settles instead of
+    jittering at the end of training. A pure function of the step, so a resumed run uses
+    the same rates as an uninterrupted one.
+    """
+    if config.lr_schedule == "constant":
+        return config.lr
+    return config.lr * 0.5 * (1.0 + math.cos(math.pi * step / config.steps))
 
 
 def _train_step(
