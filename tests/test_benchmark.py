@@ -135,11 +135,49 @@ def test_run_benchmark_writes_all_outputs(cohort_and_run, tmp_path):
     assert per_method == payload["n_test_diseased"]
     assert all(r["label"] == "1" for r in subjects)
 
+    sensitivity = payload["classifier_region_sensitivity"]
+    assert [row["region"] for row in sensitivity][0] == "all regions"
+    assert len(sensitivity) == 1 + 4  # all, then each default region
     markdown = (out / "results.md").read_text()
+    assert "## What the classifier reads" in markdown
     assert "| method | sign used | group Pearson |" in markdown
     assert "absolute value" in markdown
     for method in payload["methods"]:
         assert f"| {method} |" in markdown
+
+
+def test_region_sensitivity_finds_the_region_a_classifier_reads(cohort_and_run):
+    """A hand-made classifier that only reads the ventricles' darkness: applying the true
+    ventricle effect moves its logit the right way, the hippocampi's does not move it."""
+    import nibabel as nib
+
+    from counterwarp.benchmark import classifier_region_sensitivity
+    from counterwarp.runs import load_images, rows_in_split
+
+    cohort, run = cohort_and_run
+    regions = np.asarray(nib.load(cohort / "truth" / "effect_regions.nii.gz").dataobj)
+    ventricles = torch.from_numpy(np.isin(regions, (1, 2)).astype(np.float32))
+
+    class ReadsVentricles(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.tensor(-10.0))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.scale * (x[:, 0] * ventricles).sum((1, 2)) / ventricles.sum()
+
+    rows = rows_in_split(run, cohort / "manifest.csv", "train+val+test")
+    images, labels = load_images(rows, (32, 32), progress=False)
+    table = {r["region"]: r for r in classifier_region_sensitivity(
+        ReadsVentricles().eval(), images, labels, cohort)}
+    grow = table["left_lateral_ventricle"]["inject_logit_shift"]
+    assert grow > 0.05  # darker ventricles: the logit rises
+    assert table["left_lateral_ventricle"]["remove_logit_shift"] < -0.05
+    assert abs(table["left_hippocampus"]["inject_logit_shift"]) < 0.2 * grow
+    assert table["all regions"]["inject_logit_shift"] > grow
+    # a cohort on another grid than the images: no probe, no error
+    assert classifier_region_sensitivity(
+        ReadsVentricles().eval(), images[:, :, :16, :16], labels, cohort) is None
 
 
 def test_run_benchmark_simulator_only(cohort_and_run, tmp_path):

@@ -333,6 +333,103 @@ def load_cohort_truth(
     return CohortTruth(truths, effect, mask, [_nifti_stem(row.path) for row in rows])
 
 
+# ------------------------------------------------------------------- what the classifier reads
+
+
+@torch.no_grad()
+def classifier_region_sensitivity(
+    classifier: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    data: str | Path,
+    batch_size: int = 16,
+) -> list[dict[str, Any]] | None:
+    """Logit shift when the cohort's *true* effect is applied, all regions and one at a time.
+
+    The truth maps say what the disease does; they do not say what the classifier learned to
+    read. This probe tells the two apart: each region's true deformation (at the cohort's
+    ``effect`` strength, severity 1) is applied to the held-out healthy images ("inject") and
+    its exact inverse to the diseased ones ("remove"), and the mean logit shift is recorded.
+    A region whose effect does not move the logit is one the classifier ignores, so no
+    faithful explanation of *this classifier* can show it.
+
+    Args:
+        classifier: frozen, eval mode; maps (B, 1, *S) to logits.
+        images: (N, 1, *S) preprocessed held-out images on the cohort's own grid.
+        labels: (N,) 0 healthy / 1 diseased.
+        data: the ``synth`` cohort folder (reads ``cohort.json``).
+
+    Returns:
+        One dict per row (``region``, ``inject_logit_shift`` over healthy images,
+        ``remove_logit_shift`` over diseased images, logits), or None when the cohort has no
+        ``cohort.json`` or the model grid differs from the cohort's grid.
+    """
+    import json
+
+    from counterwarp.data.synthetic import EffectSpec, effect_deformation, make_grid
+    from counterwarp.nn.warp import warp
+    from counterwarp.train.simulator import classifier_logits
+
+    try:
+        cohort = json.loads((Path(data) / "cohort.json").read_text())
+        spec = EffectSpec.from_dict(cohort["effect_spec"])
+        shape, strength = tuple(int(n) for n in cohort["shape"]), float(cohort["effect"])
+    except (OSError, ValueError, KeyError, TypeError, CounterwarpError):
+        return None
+    if shape != tuple(images.shape[2:]):
+        return None
+    grid = make_grid(shape, dim=len(shape))
+    device = next(classifier.parameters()).device
+
+    def mean_shift(subset: torch.Tensor, displacement: np.ndarray) -> float | None:
+        if subset.shape[0] == 0:
+            return None
+        field = torch.from_numpy(displacement).float().to(device)[None]
+        shifts = []
+        for i in range(0, subset.shape[0], batch_size):
+            x = subset[i : i + batch_size].to(device)
+            moved = warp(x, field.expand(x.shape[0], *field.shape[1:]))
+            shifts.append(classifier_logits(classifier, moved) - classifier_logits(classifier, x))
+        return float(torch.cat(shifts).mean())
+
+    healthy, diseased = images[labels == 0], images[labels == 1]
+    rows = []
+    choices = [("all regions", list(spec.regions))] + [(r.name, [r]) for r in spec.regions]
+    for name, regions in choices:
+        part = EffectSpec(regions=regions)
+        rows.append({
+            "region": name,
+            "inject_logit_shift": mean_shift(healthy, effect_deformation(part, grid, strength)[0]),
+            "remove_logit_shift": mean_shift(
+                diseased, effect_deformation(part, grid, -strength)[0]
+            ),
+        })
+    return rows
+
+
+def _sensitivity_markdown(rows: list[dict[str, Any]] | None, margin: float | None) -> list[str]:
+    if not rows:
+        return []
+    lines = [
+        "## What the classifier reads",
+        "",
+        "Mean logit shift when the cohort's true effect (severity 1) is applied to the held-out "
+        "healthy images (inject) or undone on the diseased ones (remove), for all regions and "
+        "for each region alone. A region that does not move the logit is one the classifier "
+        "ignores; a faithful simulator cannot show it"
+        + (f" (the simulator's margin is {_fmt(margin, 2)} logits)." if margin else "."),
+        "",
+        "| true effect applied | logit shift, inject (healthy) | logit shift, remove (diseased) |",
+        "|---|---:|---:|",
+    ]
+    lines += [
+        f"| {_md(row['region'])} | {_fmt(row['inject_logit_shift'], 2)} | "
+        f"{_fmt(row['remove_logit_shift'], 2)} |"
+        for row in rows
+    ]
+    return [*lines, ""]
+
+
 # ----------------------------------------------------------------------------- simulator
 
 
@@ -620,6 +717,7 @@ def _write_csv(path: Path, scores: Mapping[str, Mapping[str, Any]], labels: Mapp
 def _markdown(
     scores: Mapping[str, Mapping[str, Any]], simulator: Mapping[str, Any],
     issue3: Mapping[str, Any], info: Mapping[str, Any],
+    sensitivity: list[dict[str, Any]] | None = None,
 ) -> str:
     lines = [
         "# counterwarp benchmark: explanation maps vs the true volume change",
@@ -645,7 +743,7 @@ def _markdown(
     ]
     for key, label in SIMULATOR_TABLE:
         lines.append(f"| {_md(label)} | {_fmt(simulator.get(key))} |")
-    lines += ["", UNSIGNED_NOTE, ""]
+    lines += ["", *_sensitivity_markdown(sensitivity, simulator.get("margin")), UNSIGNED_NOTE, ""]
     return "\n".join(lines)
 
 
@@ -792,10 +890,12 @@ def run_benchmark(
         "seed": seed,
     }
 
+    sensitivity = classifier_region_sensitivity(classifier, images, labels, data)
+
     out.mkdir(parents=True, exist_ok=True)
     label_of = {s: int(labels[i]) for i, s in enumerate(truth.ids)}
     _write_csv(out / "results.csv", scores, label_of, issue3)
-    write_text_atomic(out / "results.md", _markdown(scores, sim, issue3, info))
+    write_text_atomic(out / "results.md", _markdown(scores, sim, issue3, info, sensitivity))
     # the figure: the diseased subject with the strongest effect (or the first subject)
     if diseased_ids:
         strength = [float(np.abs(truth.truths[i][brains[i]]).sum()) for i in diseased_ids]
@@ -818,6 +918,7 @@ def run_benchmark(
         "methods": {m: _json_safe(scores[m]) for m in all_methods},
         "issue3_inject_healthy": _json_safe(issue3),
         "simulator": _json_safe(sim),
+        "classifier_region_sensitivity": _json_safe(sensitivity),
         "figure_subject": shown_id,
         "unsigned_note": UNSIGNED_NOTE,
         "outputs": {
