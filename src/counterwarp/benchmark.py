@@ -511,8 +511,8 @@ class TwoSimulators(nn.Module):
     Args:
         input_shape, field, channels, latent_dim, integration_steps, max_displacement,
             routing_dropout, smoothing_sigma: as for :class:`SimulatorNet`, used for both.
-        num_experts, routing: accepted for a drop-in constructor signature and ignored
-            (always 1 and ``"condition"``).
+        num_experts, routing, antisymmetric: accepted for a drop-in constructor signature
+            and ignored (always 1, ``"condition"`` and two independent fields).
     """
 
     def __init__(
@@ -528,9 +528,10 @@ class TwoSimulators(nn.Module):
         routing_dropout: float = 0.1,
         smoothing_sigma: float = 0.0,
         norm: str = "batch",
+        antisymmetric: bool = False,
     ) -> None:
         super().__init__()
-        del num_experts, routing
+        del num_experts, routing, antisymmetric
         settings: dict[str, Any] = dict(
             field=field, channels=tuple(channels), latent_dim=latent_dim, num_experts=1,
             routing="condition", integration_steps=integration_steps,

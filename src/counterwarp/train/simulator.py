@@ -87,11 +87,11 @@ class FitConfig:
     w_cycle: float = 5.0
     w_smooth: float = 1.0
     smooth_kind: str = "l2"
-    w_magnitude: float = 0.1
+    w_magnitude: float = 0.01
     w_fold: float = 0.0
-    field_sigma: float = 0.0
+    field_sigma: float = 1.0
     norm: str = "batch"
-    antisymmetric: bool = False
+    antisymmetric: bool = True
     checkpoint_every: int = 50
     seed: int = 0
 
