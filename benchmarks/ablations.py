@@ -2,8 +2,8 @@
 reliably, over several seeds.
 
 One classifier (trained once, or taken from ``--run``) is explained by simulators that differ
-from the default (one conditional CondConv U-Net, displacement field, cycle loss on, routing
-on features and condition) in one choice each:
+from the default (one CondConv U-Net predicting one antisymmetric displacement field, cycle
+loss on) in one choice each:
 
     (a) two      two separate unconditional simulators (``TwoSimulators``: one net per
                  direction, one expert per layer, routing on the constant condition), same
@@ -74,7 +74,7 @@ from counterwarp.train.simulator import FitConfig, fit_simulator
 
 #: name -> (label, FitConfig overrides, two separate simulators?)
 CONFIGURATIONS: dict[str, tuple[str, dict[str, Any], bool]] = {
-    "default": ("one conditional simulator (CondConv, default)", {}, False),
+    "default": ("one simulator, antisymmetric field (CondConv, default)", {}, False),
     "two": ("(a) two separate unconditional simulators", {}, True),
     "velocity": ("(b) velocity field instead of displacement", {"field": "velocity"}, False),
     "nocycle": ("(c) without the cycle loss", {"w_cycle": 0.0}, False),

@@ -260,7 +260,7 @@ def test_ablation_script_runs_at_a_tiny_size(cohort_and_run, tmp_path, capsys):
     ])
     assert code == 0
     text = (out / "ablations.md").read_text()
-    for label in ("one conditional simulator", "(a) two separate", "(c) without the cycle"):
+    for label in ("one simulator, antisymmetric", "(a) two separate", "(c) without the cycle"):
         assert label in text
     with open(out / "ablations.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
@@ -270,6 +270,29 @@ def test_ablation_script_runs_at_a_tiny_size(cohort_and_run, tmp_path, capsys):
     ]
     assert ablations.main(["--out", str(out), "--arms", "z"]) == 2
     assert "--arms" in capsys.readouterr().err
+
+
+def test_settings_sweep_script_fits_and_scores_one_setting(cohort_and_run, tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "settings_sweep.py"
+    spec = importlib.util.spec_from_file_location("settings_sweep", script)
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    cohort, run = cohort_and_run
+    out = tmp_path / "sweep"
+    settings = json.dumps({**TINY_FIT, "channels": [4, 8, 8], "w_magnitude": 0.05})
+    assert sweep.main(["--data", str(cohort), "--run", str(run), "--out", str(out),
+                       "--name", "tiny", "--settings", settings]) == 0
+    record = json.loads((out / "sweep.jsonl").read_text().splitlines()[-1])
+    assert record["name"] == "tiny" and record["settings"]["w_magnitude"] == 0.05
+    assert -1.0 <= record["inject_voxel"] <= 1.0 and 0.0 <= record["folding_max"] <= 1.0
+    assert len(record["minus_remove_region_means"]) == 5  # 4 regions + outside
+    assert (out / "tiny" / "simulator.pt").is_file() and not (run / "tiny").exists()
+    assert sweep.main(["--data", str(cohort), "--run", str(tmp_path), "--out", str(out),
+                       "--name", "bad"]) == 2
+    assert "missing" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- two simulators
