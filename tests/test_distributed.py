@@ -21,6 +21,35 @@ smallest of those. One exception: the classifier's convolution biases that feed 
 (and the BN running means that absorb them) have an exactly zero gradient in theory; the
 computed one is rounding noise that Adam's normalisation scales up towards the learning
 rate (measured 3.6e-5), and they cannot change any output, so they get ``atol = 1e-3``.
+
+A second exception, the simulator's first BatchNorm bias ``down.0.norm.bias`` in the torchrun
+run (default ``antisymmetric=True``), where rounding picks a branch of the LeakyReLU:
+
+- the network routes every layer on the constant condition +1, and the inlet's routing reads
+  the mean of the image, which is 0 for every image (z-scored inside the brain, background 0),
+  so the inlet applies one and the same kernel to every image. Its output in the background
+  (input 0 under the whole kernel) is that kernel's bias ``b``, and its batch mean is
+  ``b + sum(W) * mean(x) = b`` as well: the background voxels (about 40 % of them) sit exactly
+  at the BatchNorm mean, i.e. at BatchNorm output = its bias;
+- at step 2 that bias is still exactly 0 (at step 1 the zero-initialised head gives every
+  other parameter a zero gradient, and Adam leaves a zero parameter with a zero gradient
+  where it is), so those voxels sit on the kink of the following LeakyReLU: the sign of the
+  rounding noise of ``x - mean`` (1e-9) picks the slope, 1 or 0.1, per image and channel;
+- any other summation order flips some of those signs. Measured on that step's batch, the
+  gradient of this bias (values up to 2.8e-3) moves by up to 1.9e-3 between one float32
+  process and float64, by 1.8e-3 between two processes and float64, and by as much in ONE
+  process when BatchNorm's mean is computed as GlobalBatchNorm does (sum / count) instead of
+  by torch's kernel, while every other gradient moves by rounding only: at those voxels the
+  normalised input is 0 (BatchNorm weight) and the inlet's input is 0 with mean 0 over the
+  image (everything before it);
+- at step 3 the bias is off 0 and the two runs' gradients of it agree to 1e-9 again; Adam
+  carries that one step: measured 2.6e-4 in its first moment, 3.8e-4 in the weight. Started
+  at bias 0.01 instead of 0 (off the kink), the same runs pass every check here unchanged:
+  weights within 9e-6, moments within 2e-7 (on values up to 0.3), this bias's within 1e-9.
+
+So ``down.0.norm.bias`` gets ``atol = 1e-3``, the learning rate (in these first steps Adam
+moves a parameter by at most about the learning rate per step, and the runs differ in one
+step's gradient), and its Adam moments are not compared.
 """
 
 from __future__ import annotations
@@ -43,12 +72,16 @@ import torch
 from counterwarp import distributed
 from counterwarp.cli import main
 from counterwarp.errors import CounterwarpError
+from counterwarp.nn.simulator import SimulatorNet
 from counterwarp.train.simulator import CHECKPOINT_NAME, LOG_NAME, FitConfig, fit_simulator
 from distributed_worker import switch_off_dropout
 from test_fit import TINY, BlobScorer, blob_images
 
 ATOL = 1e-4
-ATOL_ABSORBED_BY_BATCHNORM = 1e-3
+ATOL_LOOSE = 1e-3
+"""For the parameters the module docstring names: BatchNorm-absorbed biases, and the simulator
+bias that sits on a LeakyReLU kink at one step."""
+AT_KINK = ("down.0.norm.bias",)
 WORKER = Path(__file__).with_name("distributed_worker.py")
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available(), reason="torch built without torch.distributed"
@@ -111,10 +144,10 @@ def launch(target: Callable[..., None], *args: Any, world_size: int = 2,
 
 
 def _assert_close_state(one: dict[str, torch.Tensor], two: dict[str, torch.Tensor],
-                        absorbed: Collection[str] = ()) -> None:
+                        loose: Collection[str] = ()) -> None:
     assert one.keys() == two.keys()
     for name in one:
-        atol = ATOL_ABSORBED_BY_BATCHNORM if name in absorbed else ATOL
+        atol = ATOL_LOOSE if name in loose else ATOL
         torch.testing.assert_close(two[name].float(), one[name].float(), atol=atol, rtol=0,
                                    msg=lambda m, n=name: f"{n}: {m}")
 
@@ -133,16 +166,22 @@ def _assert_same_log(one: Path, two: Path) -> None:
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)
 
 
-def _assert_same_moments(one: dict[str, Any], two: dict[str, Any]) -> None:
+def _assert_same_moments(one: dict[str, Any], two: dict[str, Any],
+                         skip: Collection[str] = ()) -> None:
     """Adam's first moments (running means of the gradients) of two checkpoints agree.
 
     Adam's steps hardly change when every gradient is scaled by the same factor, so the
     weights alone barely show gradients summed instead of averaged; the moments double.
+    ``skip``: names of parameters whose moments are not compared.
     """
+    names = ([n for n, _ in SimulatorNet.from_config(one["net_config"]).named_parameters()]
+             if skip else [])
     for name in ("optimizer", "cycle_optimizer"):
         if name not in one:
             continue
         for key, moments in one[name]["state"].items():
+            if skip and names[key] in skip:
+                continue
             torch.testing.assert_close(two[name]["state"][key]["exp_avg"], moments["exp_avg"],
                                        atol=1e-6, rtol=1e-3, msg=lambda m, k=key: f"{k}: {m}")
 
@@ -185,8 +224,8 @@ def test_torchrun_train_classifier_and_fit_match_one_process(
 
     sim_one, sim_two = _checkpoint(one), _checkpoint(two)
     assert sim_two["step"] == 4
-    _assert_same_moments(sim_one, sim_two)
-    _assert_close_state(sim_one["state_dict"], sim_two["state_dict"])
+    _assert_same_moments(sim_one, sim_two, skip=AT_KINK)
+    _assert_close_state(sim_one["state_dict"], sim_two["state_dict"], loose=AT_KINK)
     _assert_same_log(one / LOG_NAME, two / LOG_NAME)
 
     classifier_one = torch.load(one / "classifier.pt", weights_only=True)["state_dict"]

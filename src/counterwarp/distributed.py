@@ -41,7 +41,13 @@ NCCL, those on CPU tensors gloo), ``gloo`` otherwise. Each rank uses ``cuda:LOCA
 
 Differences from a 1-process run that remain: float rounding (sums in another order), and
 dropout masks (the classifier's), which are drawn per rank from the rank's own random
-stream (see ``train_classifier``).
+stream (see ``train_classifier``). Rounding stays at the rounding level except where it
+decides a branch: a value that sits exactly on a ReLU's kink in exact arithmetic takes
+slope 1 or the leak depending on the sign of its rounding noise, in one process as well
+(with another summation order, or in float64). The simulator meets this once: with
+``antisymmetric`` and images of mean 0, the background sits exactly at its first
+BatchNorm's mean, i.e. on the LeakyReLU's kink while that BatchNorm's bias is still 0, so
+the bias's gradient of that one step is arbitrary (see ``tests/test_distributed.py``).
 """
 
 from __future__ import annotations
