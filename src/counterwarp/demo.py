@@ -25,7 +25,7 @@ DEMO_SIZES: dict[str, dict[str, Any]] = {
     "full": {
         "synth": {"n": 200, "dim": 3, "shape": (32, 32, 32)},
         "classifier": {"epochs": 30},
-        "fit": {"steps": 450},
+        "fit": {"steps": 600},
     },
     "quick": {
         "synth": {"n": 160, "dim": 2, "shape": (64, 64)},

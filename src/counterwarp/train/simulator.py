@@ -74,7 +74,7 @@ class FitConfig:
     routing: str = "features+condition"
     channels: tuple[int, ...] = (16, 32, 64, 16, 16)
     latent_dim: int = 512
-    steps: int = 450
+    steps: int = 600
     batch_size: int = 8
     lr: float = 1e-3
     lr_schedule: str = "constant"
