@@ -32,9 +32,9 @@ configuration), ``OUT/ablations.csv`` (one row per configuration x seed) and
 ``OUT/ablations.json``; the cohort and classifier it made, if any, go to ``OUT/cohort`` and
 ``OUT/run``.
 
-Usage (sizes are flags). The defaults are sized for a 2-core CPU: one fit step at 64x64
-with the default widths took about 0.4 s on one shared core, so 5 configurations x 3 seeds
-x 300 steps is about 30 min plus the classifier (an estimate, not a full measured run)::
+Usage (sizes are flags). The defaults are sized for a 2-core CPU: the default run (6
+configurations x 3 seeds x 300 steps at 64x64) took 17 min on one shared core of this
+machine, plus 1-2 min for the cohort and the classifier (results in ``benchmarks/results/ablations-2d-intel-xeon-2c.md``)::
 
     OMP_NUM_THREADS=2 python benchmarks/ablations.py --out runs/ablations
     # a given cohort and classifier run (from `counterwarp synth` / `train-classifier`):
