@@ -34,7 +34,8 @@ configuration), ``OUT/ablations.csv`` (one row per configuration x seed) and
 
 Usage (sizes are flags). The defaults are sized for a 2-core CPU: the default run (6
 configurations x 3 seeds x 300 steps at 64x64) took 17 min on one shared core of this
-machine, plus 1-2 min for the cohort and the classifier (results in ``benchmarks/results/ablations-2d-intel-xeon-2c.md``)::
+machine, plus 1-2 min for the cohort and the classifier (results in
+``benchmarks/results/ablations-2d-intel-xeon-2c.md``)::
 
     OMP_NUM_THREADS=2 python benchmarks/ablations.py --out runs/ablations
     # a given cohort and classifier run (from `counterwarp synth` / `train-classifier`):
