@@ -30,7 +30,7 @@ DEMO_SIZES: dict[str, dict[str, Any]] = {
     "quick": {
         "synth": {"n": 160, "dim": 2, "shape": (64, 64)},
         "classifier": {"epochs": 30},
-        "fit": {"steps": 400},
+        "fit": {"steps": 600},
     },
 }
 
