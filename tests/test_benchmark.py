@@ -243,14 +243,20 @@ def test_bad_method_and_patch_fail_before_writing(cohort_and_run, tmp_path):
     assert not out.exists()
 
 
-def test_ablation_script_runs_at_a_tiny_size(cohort_and_run, tmp_path, capsys):
+def _benchmark_script(name: str):
+    """Import ``benchmarks/<name>.py`` (not a package) as a module."""
     import importlib.util
     from pathlib import Path
 
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "ablations.py"
-    spec = importlib.util.spec_from_file_location("ablations", script)
-    ablations = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ablations)
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ablation_script_runs_at_a_tiny_size(cohort_and_run, tmp_path, capsys):
+    ablations = _benchmark_script("ablations")
     cohort, run = cohort_and_run
     out = tmp_path / "ablations"
     code = ablations.main([
@@ -273,13 +279,7 @@ def test_ablation_script_runs_at_a_tiny_size(cohort_and_run, tmp_path, capsys):
 
 
 def test_settings_sweep_script_fits_and_scores_one_setting(cohort_and_run, tmp_path, capsys):
-    import importlib.util
-    from pathlib import Path
-
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "settings_sweep.py"
-    spec = importlib.util.spec_from_file_location("settings_sweep", script)
-    sweep = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sweep)
+    sweep = _benchmark_script("settings_sweep")
     cohort, run = cohort_and_run
     out = tmp_path / "sweep"
     settings = json.dumps({**TINY_FIT, "channels": [4, 8, 8], "w_magnitude": 0.05})

@@ -137,8 +137,11 @@ def test_fold_and_antisymmetric_settings_are_validated_and_wired():
 
     mirror = torch.zeros(1, 2, *SHAPE)
     mirror[:, 0] = -2.0 * torch.arange(SHAPE[0], dtype=torch.float32)[:, None]  # det -1
-    plain = _LossTerms(None, None, FitConfig(w_fold=0.0), 1.0).regulariser(mirror)  # type: ignore[arg-type]
-    folded = _LossTerms(None, None, FitConfig(w_fold=3.0), 1.0).regulariser(mirror)  # type: ignore[arg-type]
+    def penalty(w_fold: float) -> torch.Tensor:
+        terms = _LossTerms(None, None, FitConfig(w_fold=w_fold), 1.0)  # type: ignore[arg-type]
+        return terms.regulariser(mirror)["regulariser"]
+
+    plain, folded = penalty(0.0), penalty(3.0)
     torch.testing.assert_close(folded - plain, 3.0 * folding_penalty(mirror))
     assert float(folding_penalty(mirror)) > 1.0
     sim = Simulator(antisymmetric=True, **TINY).fit(BlobScorer(), blob_images(8), progress=False)

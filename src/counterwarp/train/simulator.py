@@ -255,15 +255,17 @@ class _LossTerms:
         self.config = config
         self.margin = margin
 
-    def regulariser(self, displacement: torch.Tensor) -> torch.Tensor:
-        """Weighted sum of the penalties on a displacement ``(B, d, *S)``: smoothness,
-        magnitude and (when ``w_fold > 0``) near-singular / folding voxels."""
+    def regulariser(self, displacement: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Penalties on a displacement ``(B, d, *S)``, each computed once: ``smooth`` and
+        ``magnitude`` (for the log) and ``regulariser``, their weighted sum plus (when
+        ``w_fold > 0``) the folding penalty (for the loss)."""
         config = self.config
-        total = config.w_smooth * smoothness_loss(displacement, kind=config.smooth_kind)
-        total = total + config.w_magnitude * displacement_magnitude_loss(displacement)
+        smooth = smoothness_loss(displacement, kind=config.smooth_kind)
+        magnitude = displacement_magnitude_loss(displacement)
+        total = config.w_smooth * smooth + config.w_magnitude * magnitude
         if config.w_fold > 0:
             total = total + config.w_fold * folding_penalty(displacement)
-        return total
+        return {"regulariser": total, "smooth": smooth, "magnitude": magnitude}
 
     def forward_terms(
         self, images: torch.Tensor, condition: torch.Tensor, logit_before: torch.Tensor
@@ -273,9 +275,7 @@ class _LossTerms:
         return {
             "simulated": simulated,
             "shift": logit_shift_loss(logit_before, logit_after, condition, self.margin),
-            "regulariser": self.regulariser(displacement),
-            "smooth": smoothness_loss(displacement.detach(), kind=self.config.smooth_kind),
-            "magnitude": displacement_magnitude_loss(displacement.detach()),
+            **self.regulariser(displacement),
             "moved": moved_by_margin(logit_before, logit_after, condition, self.margin),
         }
 
@@ -285,9 +285,7 @@ class _LossTerms:
         cycled, back_displacement, _, _ = simulate(self.net, simulated, -condition)
         return {
             "cycle": cycle_loss(images, cycled),
-            "regulariser": self.regulariser(back_displacement),
-            "smooth": smoothness_loss(back_displacement.detach(), kind=self.config.smooth_kind),
-            "magnitude": displacement_magnitude_loss(back_displacement.detach()),
+            **self.regulariser(back_displacement),
         }
 
 
