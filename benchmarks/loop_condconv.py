@@ -85,6 +85,37 @@ class LoopCondConv(CondConv):
         return loop
 
 
+class BoundCondConv(LoopCondConv):
+    """Not a CondConv: one ordinary batched convolution with the first expert's kernel.
+
+    No routing, no kernel mixing, no per-sample work: the cheapest any implementation of a
+    CondConv layer of this shape could be. A network built from these gives the *bound* of
+    the benchmark: the loop baseline's time over the bound's time is the largest speed-up
+    that a faster CondConv can bring to the whole step, because everything else in the step
+    (normalisation, pooling, upsampling, the warp, the classifier, the losses, the
+    optimiser) is the same work in every implementation. Its outputs differ from a CondConv's.
+    """
+
+    def forward(self, x: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        """``(B, C_in, *S) -> (B, C_out, *S)``, ignoring ``condition``."""
+        bias = self.bias[0] if self.bias is not None else None
+        return _CONV[self.dim](x, self.weight[0], bias, padding="same")
+
+    @classmethod
+    def from_condconv(cls, layer: CondConv) -> BoundCondConv:
+        bound = super().from_condconv(layer)
+        bound.impl = "bound"
+        return bound  # type: ignore[return-value]
+
+
+def bound_simulator(net: nn.Module) -> nn.Module:
+    """A deep copy of ``net`` with every ``CondConv`` replaced by :class:`BoundCondConv`."""
+    bound = copy.deepcopy(net)
+    if _replace_condconvs(bound, BoundCondConv) == 0:
+        raise ValueError(f"{type(net).__name__} has no CondConv layer to replace.")
+    return bound
+
+
 def _replace_condconvs(net: nn.Module, make: type[LoopCondConv]) -> int:
     """Swap every ``CondConv`` child of ``net`` (recursively) in place; return how many."""
     count = 0

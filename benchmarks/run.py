@@ -65,9 +65,10 @@ except ImportError:
     sys.path.insert(0, str(ROOT / "src"))
 
 SCHEMA = "counterwarp.bench/1"
-IMPLS = ("auto", "grouped", "experts", "loop")
+IMPLS = ("auto", "grouped", "experts", "loop", "bound")
+DEFAULT_IMPLS = IMPLS
 VARIANTS = ("channels_last", "inference_mode", "compile", "bf16")
-DEFAULT_VARIANTS = ("channels_last", "inference_mode")
+DEFAULT_VARIANTS = ("channels_last", "inference_mode", "bf16")
 DEFAULT_SIZES = "64:4,32:8"
 QUICK_SIZES = "16:2"
 #: the reference convolution: (channels, edge, batch); quick mode uses a small one
@@ -177,6 +178,8 @@ def build_cases(
         sets = [
             (v,) for v in VARIANTS if v in variants and (v != "inference_mode" or kind == "explain")
         ]
+        if "channels_last" in variants and "bf16" in variants:
+            sets.append(("channels_last", "bf16"))
         if "compile" in variants and "bf16" in variants:
             sets.append(("compile", "bf16"))
         return sets
@@ -224,6 +227,19 @@ def _cpuinfo() -> tuple[str, int | None]:
     )
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether the CPU computes in bfloat16 natively (AMX or AVX512-BF16 in /proc/cpuinfo).
+
+    Without it, oneDNN emulates bf16 and autocast is usually slower than float32.
+    """
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    flags = next((line for line in text.splitlines() if line.startswith("flags")), "").split()
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
 def _memory_total_gib() -> float | None:
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -250,6 +266,7 @@ def machine_info(device: str) -> dict[str, Any]:
         "cores_physical": physical,
         "cores_available": available,
         "memory_gib": _memory_total_gib(),
+        "cpu_native_bf16": cpu_has_native_bf16(),
         "platform": platform.platform(),
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -346,13 +363,24 @@ def _reset_warp_caches() -> None:
 def _make_simulator(case: Case, device: Any) -> Any:
     """The SimulatorNet of a case, on ``device``, with the case's CondConv implementation."""
     import torch
-    from loop_condconv import loop_simulator, with_impl
+    from loop_condconv import bound_simulator, loop_simulator, with_impl
 
     from counterwarp.nn.simulator import SimulatorNet
+    from counterwarp.train.simulator import FitConfig
 
     torch.manual_seed(0)
-    net = SimulatorNet(case.shape)
-    net = loop_simulator(net) if case.impl == "loop" else with_impl(net, case.impl)
+    config = FitConfig()  # the network `counterwarp fit` trains by default
+    net = SimulatorNet(
+        case.shape, field=config.field, channels=config.channels,
+        latent_dim=config.latent_dim, num_experts=config.num_experts, routing=config.routing,
+        smoothing_sigma=config.field_sigma, norm=config.norm, antisymmetric=config.antisymmetric,
+    )
+    if case.impl == "loop":
+        net = loop_simulator(net)
+    elif case.impl == "bound":
+        net = bound_simulator(net)
+    else:
+        net = with_impl(net, case.impl)
     return net.to(device)
 
 
@@ -385,7 +413,10 @@ def _setup_train(case: Case, device: Any) -> Callable[[], None]:
         freeze,
     )
 
-    config = FitConfig(batch_size=case.batch)  # joint schedule, the product's default
+    # joint schedule, the product's default; bf16 through fit's own precision setting
+    config = FitConfig(
+        batch_size=case.batch, precision="bf16" if "bf16" in case.options else "fp32"
+    )
     net = _make_simulator(case, device)
     torch.manual_seed(1)
     classifier = freeze(Classifier(case.shape)).to(device)
@@ -409,10 +440,7 @@ def _setup_train(case: Case, device: Any) -> Callable[[], None]:
     counter = iter(range(10**9))
 
     def step() -> None:
-        with _autocast(case, device):
-            _train_step(
-                terms, config, optimiser, None, images, condition, logit_before, next(counter)
-            )
+        _train_step(terms, config, optimiser, None, images, condition, logit_before, next(counter))
 
     return step
 
@@ -794,8 +822,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     parser.add_argument(
         "--impls",
-        default=",".join(IMPLS),
-        help=f"CondConv implementations to run (default {','.join(IMPLS)})",
+        default=",".join(DEFAULT_IMPLS),
+        help=f"CondConv implementations to run, from {','.join(IMPLS)} (default "
+        f"{','.join(DEFAULT_IMPLS)}; 'bound' is one plain conv per layer: the ceiling of any "
+        "CondConv speed-up)",
     )
     parser.add_argument(
         "--variants",
@@ -888,8 +918,8 @@ def main(argv: list[str] | None = None) -> int:
             f"load average {load[0]} on {info['cores_available']} cores at the start: other "
             "work is running, timings are not representative"
         )
-    if "bf16" in args.variants and args.device == "cpu":
-        warnings.append("bf16 autocast on CPU is measured, but it targets GPUs")
+    if "bf16" in args.variants and args.device == "cpu" and not cpu_has_native_bf16():
+        warnings.append("this CPU has no native bf16 (AMX / AVX512-BF16): bf16 is emulated")
     if args.quick:
         warnings.append(
             "--quick runs every case in one process: peak memory is not isolated "

@@ -21,7 +21,9 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
 from loop_condconv import (  # noqa: E402
+    BoundCondConv,
     LoopCondConv,
+    bound_simulator,
     condconv_impls,
     loop_simulator,
     with_impl,
@@ -55,6 +57,20 @@ def test_loop_simulator_swaps_every_condconv_and_keeps_the_original() -> None:
         assert name == name_loop
         assert p.data_ptr() != p_loop.data_ptr()
         torch.testing.assert_close(p, p_loop, rtol=0, atol=0)
+
+
+def test_bound_layers_are_one_plain_convolution_with_the_first_expert() -> None:
+    net = _net_with_live_head()
+    bound = bound_simulator(net)
+    assert set(condconv_impls(bound)) == {"bound"}
+    layer = bound.head
+    assert isinstance(layer, BoundCondConv)
+    x = torch.randn(2, layer.in_channels, 16, 16, 16)
+    expected = torch.nn.functional.conv3d(x, layer.weight[0], layer.bias[0], padding=1)
+    # the condition is ignored: one ordinary convolution, no routing
+    for condition in (torch.ones(2), -torch.ones(2)):
+        torch.testing.assert_close(layer(x, condition), expected)
+    assert not torch.allclose(net.head(x, torch.ones(2)), expected, atol=1e-4)
 
 
 @pytest.mark.parametrize("impl", ["auto", "grouped", "experts"])
@@ -151,3 +167,6 @@ def test_quick_run_writes_results(tmp_path: Path) -> None:
         return sum(n for op, n in by_op.items() if "convolution" in op)
 
     assert conv_flops("train 16^3 b2 grouped") == conv_flops("train 16^3 b2 loop")
+    # the bound does one ordinary convolution per layer: the same convolution work as the loop
+    assert conv_flops("train 16^3 b2 bound") == conv_flops("train 16^3 b2 loop")
+    assert "train 16^3 b2 auto+bf16" in cases

@@ -176,3 +176,55 @@ def test_cosine_learning_rate_decays_and_is_logged():
     sim = Simulator(lr_schedule="cosine", **TINY).fit(BlobScorer(), blob_images(8), progress=False)
     logged = [row["lr"] for row in sim.history_]
     assert logged == pytest.approx([learning_rate(sim.config, s) for s in range(TINY["steps"])])
+
+
+def test_bf16_precision_runs_the_networks_in_bf16_and_keeps_fields_float32():
+    from counterwarp.cli import _fit_settings, build_parser
+    from counterwarp.nn.classifier import Classifier
+    from counterwarp.train.simulator import _LossTerms
+
+    with pytest.raises(CounterwarpError, match="precision"):
+        Simulator(precision="fp16")
+    args = build_parser().parse_args(
+        ["fit", "--manifest", "m.csv", "--run", "r", "--precision", "bf16", "--field-sigma", "2"]
+    )
+    assert _fit_settings(args)["precision"] == "bf16" and _fit_settings(args)["field_sigma"] == 2
+
+    torch.manual_seed(0)
+    sim = Simulator(**TINY).fit(BlobScorer(), blob_images(8), progress=False)  # non-zero head
+    net = sim.net_
+    assert net is not None
+    net.train()
+    classifier = Classifier(SHAPE, channels=(4, 8), dropout=0.0).eval()
+    images, condition = blob_images(4, seed=3), torch.tensor([1.0, -1.0, 1.0, -1.0])
+    seen: list[torch.dtype] = []
+    hook = net.head.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
+    results = {}
+    for precision in ("fp32", "bf16"):
+        torch.manual_seed(1)  # same routing-dropout masks
+        terms = _LossTerms(net, classifier, FitConfig(precision=precision), margin=1.0)
+        with torch.no_grad():
+            logit_before = classifier(images)
+        results[precision] = terms.forward_terms(images, condition, logit_before)
+    hook.remove()
+    assert seen == [torch.float32, torch.bfloat16]  # the convolutions ran in bf16
+    for name in ("simulated", "shift", "smooth", "magnitude"):
+        assert results["bf16"][name].dtype == torch.float32, name
+    # same result to bf16 rounding, and not bit-identical (bf16 really was used)
+    fp32, bf16 = results["fp32"]["simulated"], results["bf16"]["simulated"]
+    assert not torch.equal(fp32, bf16)
+    torch.testing.assert_close(bf16, fp32, atol=0.05, rtol=0.05)
+    torch.testing.assert_close(results["bf16"]["shift"], results["fp32"]["shift"],
+                               atol=0.05, rtol=0.05)
+
+
+def test_bf16_fit_trains_float32_weights_and_moves_the_logits():
+    torch.manual_seed(0)
+    settings = {**TINY, "steps": 30, "checkpoint_every": 30, "lr": 3e-3}
+    images = blob_images(16)
+    sim = Simulator(precision="bf16", **settings).fit(BlobScorer(), images, progress=False)
+    assert sim.net_ is not None
+    assert all(p.dtype == torch.float32 for p in sim.net_.parameters())
+    shifts = [row["shift"] for row in sim.history_]
+    assert all(torch.isfinite(torch.tensor(shifts)))
+    assert sum(shifts[-5:]) / 5 < sum(shifts[:5]) / 5  # it learns under bf16 too

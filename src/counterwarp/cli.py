@@ -62,7 +62,7 @@ def _cmd_train_classifier(args: argparse.Namespace) -> None:
 def _fit_settings(args: argparse.Namespace) -> dict:
     names = ("field", "steps", "batch_size", "lr", "lr_schedule", "schedule", "margin", "margin_sd",
              "w_cycle", "w_smooth", "smooth_kind", "w_magnitude", "w_fold", "num_experts",
-             "routing", "antisymmetric", "checkpoint_every", "seed")
+             "routing", "antisymmetric", "field_sigma", "precision", "checkpoint_every", "seed")
     return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 
@@ -236,6 +236,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--antisymmetric", action=argparse.BooleanOptionalAction, default=None,
                    help="one disease field g(x) for both directions (remove = -inject); "
                         "--no-antisymmetric gives the paper's fully conditional simulator")
+    p.add_argument("--field-sigma", type=float, default=None,
+                   help="Gaussian smoothing of the predicted field, in voxels (default 1)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default=None,
+                   help="bf16: forward passes under bfloat16 autocast (GPUs, and CPUs with "
+                        "AMX/AVX512-BF16); fields, warps and weights stay float32")
     p.add_argument("--checkpoint-every", type=int, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default=None, help="torch device (default: cuda if available)")

@@ -349,14 +349,17 @@ class SimulatorNet(nn.Module):
         h = self.bottleneck(skips.pop(), c)
         for block in reversed(self.up):
             h = block(h, c) + skips.pop()
-        out = self.head(h, c)
-        if self.max_displacement is not None:
-            m = self.max_displacement
-            out = m * torch.tanh(out / m)
-        if self._cfg["smoothing_sigma"] > 0:
-            out = gaussian_smooth(out, self._cfg["smoothing_sigma"])
-        if self._cfg["antisymmetric"]:
-            out = out * direction.view(-1, *([1] * (out.ndim - 1)))
+        # the field leaves the network in float32 even under bf16 autocast: displacements of
+        # a few voxels need more than bf16's 8-bit mantissa for smooth Jacobians
+        out = self.head(h, c).float()
+        with torch.autocast(device_type=out.device.type, enabled=False):
+            if self.max_displacement is not None:
+                m = self.max_displacement
+                out = m * torch.tanh(out / m)
+            if self._cfg["smoothing_sigma"] > 0:
+                out = gaussian_smooth(out, self._cfg["smoothing_sigma"])
+            if self._cfg["antisymmetric"]:
+                out = out * direction.float().view(-1, *([1] * (out.ndim - 1)))
         return out
 
     def displacements(self, raw_field: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -58,6 +58,10 @@ LOG_COLUMNS = (
 )
 INJECT = 1.0
 REMOVE = -1.0
+#: ``FitConfig.precision``: ``"bf16"`` runs the networks' forward passes (simulator and
+#: classifier) under ``torch.autocast(dtype=torch.bfloat16)``; fields, warps and losses stay
+#: float32, and so do the weights and the optimiser (plain mixed precision, no loss scaling).
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
 
 
 @dataclass
@@ -92,6 +96,7 @@ class FitConfig:
     field_sigma: float = 1.0
     norm: str = "batch"
     antisymmetric: bool = True
+    precision: str = "fp32"
     checkpoint_every: int = 50
     seed: int = 0
 
@@ -104,6 +109,7 @@ class FitConfig:
             "smooth_kind": ("l1", "l2", "bending"),
             "norm": ("batch", "group"),
             "lr_schedule": ("constant", "cosine"),
+            "precision": PRECISIONS,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -240,8 +246,9 @@ def simulate(
     None, raw field)``.
     """
     raw = net(images, condition)
-    displacement, inverse = net.displacements(raw)
-    return warp(images, displacement), displacement, inverse, raw
+    with torch.autocast(device_type=raw.device.type, enabled=False):  # geometry in float32
+        displacement, inverse = net.displacements(raw.float())
+        return warp(images.float(), displacement), displacement, inverse, raw
 
 
 class _LossTerms:
@@ -267,11 +274,19 @@ class _LossTerms:
             total = total + config.w_fold * folding_penalty(displacement)
         return {"regulariser": total, "smooth": smooth, "magnitude": magnitude}
 
+    def autocast(self, device: torch.device) -> torch.autocast:
+        """The forward passes' precision context (``config.precision``) on ``device``."""
+        return torch.autocast(
+            device_type=device.type, dtype=torch.bfloat16,
+            enabled=self.config.precision == "bf16",
+        )
+
     def forward_terms(
         self, images: torch.Tensor, condition: torch.Tensor, logit_before: torch.Tensor
     ) -> dict[str, torch.Tensor]:
-        simulated, displacement, _, _ = simulate(self.net, images, condition)
-        logit_after = classifier_logits(self.classifier, simulated)
+        with self.autocast(images.device):
+            simulated, displacement, _, _ = simulate(self.net, images, condition)
+            logit_after = classifier_logits(self.classifier, simulated).float()
         return {
             "simulated": simulated,
             "shift": logit_shift_loss(logit_before, logit_after, condition, self.margin),
@@ -282,7 +297,8 @@ class _LossTerms:
     def cycle_terms(
         self, images: torch.Tensor, simulated: torch.Tensor, condition: torch.Tensor
     ) -> dict[str, torch.Tensor]:
-        cycled, back_displacement, _, _ = simulate(self.net, simulated, -condition)
+        with self.autocast(images.device):
+            cycled, back_displacement, _, _ = simulate(self.net, simulated, -condition)
         return {
             "cycle": cycle_loss(images, cycled),
             **self.regulariser(back_displacement),
@@ -636,7 +652,8 @@ def _train_step(
             after_backward()
         main_opt.step()
         if step >= config.cycle_warmup:
-            simulated = simulate(terms.net, images, condition)[0]
+            with terms.autocast(images.device):
+                simulated = simulate(terms.net, images, condition)[0]
             back = terms.cycle_terms(images, simulated, condition)
             cycle_total = config.w_cycle * back["cycle"]
             cycle_opt.zero_grad(set_to_none=True)
