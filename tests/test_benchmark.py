@@ -317,3 +317,23 @@ def test_two_simulators_dispatch_by_condition_sign():
     assert u is raw and inverse is None
     assert net.config["architecture"] == "two_simulators"
     assert net.config["num_experts"] == 1 and net.config["routing"] == "condition"
+
+
+def test_visible_ceiling_scores_indicators_against_the_truth():
+    ceiling = _benchmark_script("visible_ceiling")
+    yy, xx = np.meshgrid(np.arange(24), np.arange(24), indexing="ij")
+    brain = np.ones((24, 24), bool)
+    regions = (((yy - 12) / 6.0) ** 2 + ((xx - 12) / 4.0) ** 2 <= 1).astype(int)
+    effect = 0.8 * regions.astype(float)  # uniform growth of the whole region
+    core = (np.abs(yy - 12) <= 1) & (np.abs(xx - 12) <= 1)  # a small dark structure inside
+    image = np.where(core, -2.0, 1.0) + 0.01 * xx  # darker inside the core
+    result = ceiling.visible_ceiling(effect, brain, regions, image, [1], quantiles=(0.1,),
+                                     sigmas=(0.0,))
+    # the whole region reproduces the truth exactly; its dark core only partly
+    assert result["whole_regions"] == pytest.approx(1.0)
+    assert result["region_voxels"] == int(regions.sum())
+    dark = result["darkest"][0]
+    assert dark["voxels"] < result["region_voxels"]
+    assert 0.0 < dark["pearson"]["0.0"] < 0.6
+    with pytest.raises(CounterwarpError, match="region labels"):
+        ceiling.visible_ceiling(effect, brain, regions, image, [7])
