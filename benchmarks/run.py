@@ -178,8 +178,6 @@ def build_cases(
         sets = [
             (v,) for v in VARIANTS if v in variants and (v != "inference_mode" or kind == "explain")
         ]
-        if "channels_last" in variants and "bf16" in variants:
-            sets.append(("channels_last", "bf16"))
         if "compile" in variants and "bf16" in variants:
             sets.append(("compile", "bf16"))
         return sets
@@ -411,6 +409,7 @@ def _setup_train(case: Case, device: Any) -> Callable[[], None]:
         _train_step,
         classifier_logits,
         freeze,
+        to_training_layout,
     )
 
     # joint schedule, the product's default; bf16 through fit's own precision setting
@@ -427,6 +426,9 @@ def _setup_train(case: Case, device: Any) -> Callable[[], None]:
         net = net.to(memory_format=fmt)
         classifier = classifier.to(memory_format=fmt)
         images = images.contiguous(memory_format=fmt)
+    # the layout `fit` itself trains in (channels-last for 3D bf16), as fit_simulator does
+    net = to_training_layout(net, config, len(case.shape))
+    classifier = to_training_layout(classifier, config, len(case.shape))
     # both directions in every batch, as fit_simulator's balanced batches
     condition = torch.where(torch.arange(case.batch) % 2 == 0, 1.0, -1.0).to(device)
     with torch.no_grad():

@@ -228,3 +228,49 @@ def test_bf16_fit_trains_float32_weights_and_moves_the_logits():
     shifts = [row["shift"] for row in sim.history_]
     assert all(torch.isfinite(torch.tensor(shifts)))
     assert sum(shifts[-5:]) / 5 < sum(shifts[:5]) / 5  # it learns under bf16 too
+
+
+def _conv_weight(module: nn.Module) -> torch.Tensor:
+    """The weight of the first Conv3d with several input channels (one channel is both
+    layouts at once)."""
+    return next(m.weight for m in module.modules()
+                if isinstance(m, nn.Conv3d) and m.in_channels > 1)
+
+
+def test_bf16_3d_fit_trains_channels_last_and_resumes_exactly(tmp_path):
+    from counterwarp.nn.classifier import Classifier
+
+    def classifier() -> nn.Module:
+        torch.manual_seed(3)
+        return Classifier((16, 16, 16), channels=(4, 8), dropout=0.0)
+
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(8, 1, 16, 16, 16, generator=generator)
+    config = FitConfig(**{**TINY, "steps": 4, "checkpoint_every": 2, "channels": (4, 8, 8, 8)},
+                       precision="bf16")
+    reader = classifier()
+    whole = fit_simulator(reader, images, config, run_dir=tmp_path / "a", progress=False)
+    # the 3D convolutions of a bf16 fit run in channels-last memory (measured faster)
+    weight = _conv_weight(reader)
+    assert weight.is_contiguous(memory_format=torch.channels_last_3d)
+    assert not weight.is_contiguous()
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_two(step: int, values: dict) -> None:
+        if step == 2:
+            raise Killed
+
+    with pytest.raises(Killed):
+        fit_simulator(classifier(), images, config, run_dir=tmp_path / "b", progress=False,
+                      on_step=kill_after_two)
+    resumed = fit_simulator(classifier(), images, config, run_dir=tmp_path / "b", resume=True,
+                            progress=False)
+    for (name, a), (_, b) in zip(whole.net.state_dict().items(),
+                                 resumed.net.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    reader = classifier()
+    fit_simulator(reader, images, FitConfig.from_dict({**config.to_dict(), "precision": "fp32"}),
+                  progress=False)
+    assert _conv_weight(reader).is_contiguous()  # float32 keeps the default layout

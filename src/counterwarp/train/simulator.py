@@ -185,6 +185,24 @@ class FitResult:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
+def use_channels_last(config: FitConfig, spatial_dims: int) -> bool:
+    """Whether a fit keeps its 3D networks in channels-last memory: with ``precision="bf16"``.
+
+    Measured on a 2-core AMX CPU at 64^3 batch 4 (``docs/performance.md``): channels-last
+    makes a bf16 training step 13-16 % faster, and a float32 one anywhere from 5 % faster to
+    2 % slower, so float32 keeps the default layout.
+    """
+    return config.precision == "bf16" and spatial_dims == 3
+
+
+def to_training_layout(module: nn.Module, config: FitConfig, spatial_dims: int) -> nn.Module:
+    """``module`` in the memory layout a fit trains in (see :func:`use_channels_last`);
+    changes the module in place (like ``.to``) and returns it. Values are unchanged."""
+    if use_channels_last(config, spatial_dims):
+        return module.to(memory_format=torch.channels_last_3d)
+    return module
+
+
 def classifier_logits(classifier: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """Apply ``classifier`` and return logits of shape (B,).
 
@@ -465,6 +483,8 @@ def fit_simulator(
         net = distributed.convert_batchnorm(net)
         group.broadcast_module(net)
         group.seed_per_rank(config.seed)  # own dropout masks per rank
+    net = to_training_layout(net, config, len(spatial_shape))
+    classifier = to_training_layout(classifier, config, len(spatial_shape))
     main_opt = torch.optim.Adam(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     cycle_opt = (
         torch.optim.Adam(net.parameters(), lr=config.lr / 2, weight_decay=config.weight_decay)
