@@ -66,7 +66,6 @@ except ImportError:
 
 SCHEMA = "counterwarp.bench/1"
 IMPLS = ("auto", "grouped", "experts", "loop", "bound")
-DEFAULT_IMPLS = IMPLS
 VARIANTS = ("channels_last", "inference_mode", "compile", "bf16")
 DEFAULT_VARIANTS = ("channels_last", "inference_mode", "bf16")
 DEFAULT_SIZES = "64:4,32:8"
@@ -363,16 +362,10 @@ def _make_simulator(case: Case, device: Any) -> Any:
     import torch
     from loop_condconv import bound_simulator, loop_simulator, with_impl
 
-    from counterwarp.nn.simulator import SimulatorNet
-    from counterwarp.train.simulator import FitConfig
+    from counterwarp.train.simulator import FitConfig, build_net
 
     torch.manual_seed(0)
-    config = FitConfig()  # the network `counterwarp fit` trains by default
-    net = SimulatorNet(
-        case.shape, field=config.field, channels=config.channels,
-        latent_dim=config.latent_dim, num_experts=config.num_experts, routing=config.routing,
-        smoothing_sigma=config.field_sigma, norm=config.norm, antisymmetric=config.antisymmetric,
-    )
+    net = build_net(FitConfig(), case.shape)  # the network `counterwarp fit` trains by default
     if case.impl == "loop":
         net = loop_simulator(net)
     elif case.impl == "bound":
@@ -824,10 +817,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     parser.add_argument(
         "--impls",
-        default=",".join(DEFAULT_IMPLS),
-        help=f"CondConv implementations to run, from {','.join(IMPLS)} (default "
-        f"{','.join(DEFAULT_IMPLS)}; 'bound' is one plain conv per layer: the ceiling of any "
-        "CondConv speed-up)",
+        default=",".join(IMPLS),
+        help=f"CondConv implementations to run (default {','.join(IMPLS)}; 'bound' is one "
+        "plain conv per layer: the ceiling of any CondConv speed-up)",
     )
     parser.add_argument(
         "--variants",

@@ -10,7 +10,13 @@ from torch import nn
 
 from counterwarp.errors import CounterwarpError
 from counterwarp.explain.simulator import Simulator
-from counterwarp.train.simulator import CHECKPOINT_NAME, LOG_NAME, FitConfig, fit_simulator
+from counterwarp.train.simulator import (
+    CHECKPOINT_NAME,
+    LOG_NAME,
+    FitConfig,
+    FitResult,
+    fit_simulator,
+)
 
 SHAPE = (32, 32)
 
@@ -48,27 +54,34 @@ TINY = {"steps": 6, "batch_size": 4, "checkpoint_every": 3, "channels": (4, 8, 8
         "latent_dim": 16, "lr": 1e-3}
 
 
-def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(tmp_path):
-    images = blob_images(12)
-    config = FitConfig(**TINY)
-    whole = fit_simulator(BlobScorer(), images, config, run_dir=tmp_path / "a", progress=False)
+class Killed(Exception):
+    """Stands for a kill of the process in the middle of a fit."""
 
-    class Killed(Exception):
-        pass
 
-    def kill_after_four(step: int, values: dict) -> None:
-        if step == 4:
+def assert_resume_is_exact(make_classifier, images, config, run_dir, kill_at: int) -> FitResult:
+    """Fit whole in ``run_dir/a``; fit in ``run_dir/b`` killed after step ``kill_at``, then
+    resumed; assert both end at bit-identical weights. Returns the whole fit."""
+    whole = fit_simulator(make_classifier(), images, config, run_dir=run_dir / "a",
+                          progress=False)
+
+    def kill(step: int, values: dict) -> None:
+        if step == kill_at:
             raise Killed
 
     with pytest.raises(Killed):
-        fit_simulator(BlobScorer(), images, config, run_dir=tmp_path / "b", progress=False,
-                      on_step=kill_after_four)
-    assert (tmp_path / "b" / CHECKPOINT_NAME).exists()
-    resumed = fit_simulator(BlobScorer(), images, config, run_dir=tmp_path / "b", resume=True,
-                            progress=False)
+        fit_simulator(make_classifier(), images, config, run_dir=run_dir / "b", progress=False,
+                      on_step=kill)
+    assert (run_dir / "b" / CHECKPOINT_NAME).exists()
+    resumed = fit_simulator(make_classifier(), images, config, run_dir=run_dir / "b",
+                            resume=True, progress=False)
     for (name, a), (_, b) in zip(whole.net.state_dict().items(),
                                  resumed.net.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
+    return whole
+
+
+def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(tmp_path):
+    assert_resume_is_exact(BlobScorer, blob_images(12), FitConfig(**TINY), tmp_path, kill_at=4)
     with open(tmp_path / "b" / LOG_NAME, newline="") as handle:
         steps = [int(row["step"]) for row in csv.DictReader(handle)]
     assert steps == list(range(1, 7))
@@ -248,28 +261,13 @@ def test_bf16_3d_fit_trains_channels_last_and_resumes_exactly(tmp_path):
     images = torch.randn(8, 1, 16, 16, 16, generator=generator)
     config = FitConfig(**{**TINY, "steps": 4, "checkpoint_every": 2, "channels": (4, 8, 8, 8)},
                        precision="bf16")
+    assert_resume_is_exact(classifier, images, config, tmp_path, kill_at=3)
     reader = classifier()
-    whole = fit_simulator(reader, images, config, run_dir=tmp_path / "a", progress=False)
+    fit_simulator(reader, images, config, progress=False)
     # the 3D convolutions of a bf16 fit run in channels-last memory (measured faster)
     weight = _conv_weight(reader)
     assert weight.is_contiguous(memory_format=torch.channels_last_3d)
     assert not weight.is_contiguous()
-
-    class Killed(Exception):
-        pass
-
-    def kill_after_two(step: int, values: dict) -> None:
-        if step == 2:
-            raise Killed
-
-    with pytest.raises(Killed):
-        fit_simulator(classifier(), images, config, run_dir=tmp_path / "b", progress=False,
-                      on_step=kill_after_two)
-    resumed = fit_simulator(classifier(), images, config, run_dir=tmp_path / "b", resume=True,
-                            progress=False)
-    for (name, a), (_, b) in zip(whole.net.state_dict().items(),
-                                 resumed.net.state_dict().items(), strict=True):
-        assert torch.equal(a, b), name
     reader = classifier()
     fit_simulator(reader, images, FitConfig.from_dict({**config.to_dict(), "precision": "fp32"}),
                   progress=False)

@@ -185,20 +185,36 @@ class FitResult:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
-def use_channels_last(config: FitConfig, spatial_dims: int) -> bool:
-    """Whether a fit keeps its 3D networks in channels-last memory: with ``precision="bf16"``.
+def build_net(
+    config: FitConfig, spatial_shape: tuple[int, ...],
+    net_factory: Callable[..., nn.Module] | None = None,
+) -> nn.Module:
+    """The untrained simulator network a fit with ``config`` starts from (on the CPU).
 
-    Measured on a 2-core AMX CPU at 64^3 batch 4 (``docs/performance.md``): channels-last
-    makes a bf16 training step 13-16 % faster, and a float32 one anywhere from 5 % faster to
-    2 % slower, so float32 keeps the default layout.
+    ``net_factory`` replaces :class:`SimulatorNet` (same arguments; ``antisymmetric`` is
+    passed only when set, so factories without that option work in the paper's form).
     """
-    return config.precision == "bf16" and spatial_dims == 3
+    return (net_factory or SimulatorNet)(
+        spatial_shape,
+        field=config.field,
+        channels=config.channels,
+        latent_dim=config.latent_dim,
+        num_experts=config.num_experts,
+        routing=config.routing,
+        smoothing_sigma=config.field_sigma,
+        norm=config.norm,
+        **({"antisymmetric": True} if config.antisymmetric else {}),
+    )
 
 
 def to_training_layout(module: nn.Module, config: FitConfig, spatial_dims: int) -> nn.Module:
-    """``module`` in the memory layout a fit trains in (see :func:`use_channels_last`);
-    changes the module in place (like ``.to``) and returns it. Values are unchanged."""
-    if use_channels_last(config, spatial_dims):
+    """``module`` in the memory layout a fit trains in, changed in place (like ``.to``).
+
+    3D networks of a bf16 fit use channels-last memory: measured on a 2-core AMX CPU at 64^3
+    batch 4 (``docs/performance.md``) it makes a bf16 training step 13-16 % faster, and a
+    float32 one anywhere from 5 % faster to 2 % slower, so float32 keeps the default layout.
+    """
+    if config.precision == "bf16" and spatial_dims == 3:
         return module.to(memory_format=torch.channels_last_3d)
     return module
 
@@ -468,17 +484,7 @@ def fit_simulator(
     remove_pool = torch.nonzero(logits > 0).flatten()
 
     spatial_shape = tuple(images.shape[2:])
-    net = (net_factory or SimulatorNet)(
-        spatial_shape,
-        field=config.field,
-        channels=config.channels,
-        latent_dim=config.latent_dim,
-        num_experts=config.num_experts,
-        routing=config.routing,
-        smoothing_sigma=config.field_sigma,
-        norm=config.norm,
-        **({"antisymmetric": True} if config.antisymmetric else {}),
-    ).to(device)
+    net = build_net(config, spatial_shape, net_factory).to(device)
     if group.distributed:
         net = distributed.convert_batchnorm(net)
         group.broadcast_module(net)
