@@ -80,6 +80,7 @@ def visible_ceiling(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from counterwarp.benchmark import load_cohort_truth
     from counterwarp.runs import load_images, model_shape, rows_in_split
     from counterwarp.workflows import load_run_simulator
 
@@ -90,21 +91,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         labels = [int(x) for x in args.regions.split(",") if x.strip()]
-        truth = args.data / "truth"
-
-        def read(name: str) -> np.ndarray:
-            path = truth / name
-            if not path.is_file():
-                raise CounterwarpError(f"{path}: missing; --data must be a synth cohort")
-            return np.asarray(nib.load(path).dataobj, dtype=np.float64)
-
-        effect, brain = read("effect_log_volume_change.nii.gz"), read("brain_mask.nii.gz") > 0
-        regions = read("effect_regions.nii.gz").astype(int)
         _, payload = load_run_simulator(args.run)
         rows = rows_in_split(args.run, args.data / "manifest.csv", "test",
                              positive_label=payload.get("positive_label"))
-        images, _ = load_images(rows, model_shape(payload), progress=False)
-        result = visible_ceiling(effect, brain, regions, images[:, 0].numpy().mean(0), labels)
+        shape = model_shape(payload)
+        truth = load_cohort_truth(args.data, rows, shape)  # checks the cohort's truth/ files
+        regions_path = args.data / "truth" / "effect_regions.nii.gz"
+        if not regions_path.is_file():
+            raise CounterwarpError(f"{regions_path}: missing; --data must be a synth cohort")
+        regions = np.asarray(nib.load(regions_path).dataobj).astype(int)
+        if regions.shape != shape:
+            raise CounterwarpError(f"{regions_path}: shape {regions.shape}, the run's {shape}")
+        images, _ = load_images(rows, shape, progress=False)
+        result = visible_ceiling(truth.effect, truth.template_mask, regions,
+                                 images[:, 0].numpy().mean(0), labels)
     except (CounterwarpError, ValueError) as error:
         print(f"visible_ceiling: {error}", file=sys.stderr)
         return 2
