@@ -19,7 +19,7 @@ loss on) in one choice each:
                  condition, inject warps with g and remove with -g
 
 Every configuration is fitted with each seed on the classifier's train+val images and
-evaluated on its held-out test images (``counterwarp.benchmark``): share moved past the
+evaluated on its held-out test images (``counterwarp.workflows.benchmark``): share moved past the
 margin, flips, mean logit shifts, relative cycle error, folding share, mean |grad u|, and
 agreement with the known truth (group Pearson of the negated "remove" maps vs the effect,
 voxel-wise and smoothed; subject median Pearson; the issue-3 metric, mean "inject" over
@@ -61,17 +61,22 @@ import numpy as np
 import torch
 
 from counterwarp._io import write_json_atomic, write_text_atomic
-from counterwarp.benchmark import (
+from counterwarp.errors import CounterwarpError
+from counterwarp.explain.assess import explain_in_batches
+from counterwarp.explain.simulator import Simulator
+from counterwarp.train.simulator import FitConfig, fit_simulator
+from counterwarp.workflows.benchmark import (
     TwoSimulators,
     load_cohort_truth,
     score_methods,
     simulator_metrics,
 )
-from counterwarp.errors import CounterwarpError
-from counterwarp.explain.assess import explain_in_batches
-from counterwarp.explain.simulator import Simulator
-from counterwarp.runs import load_images, load_run_classifier, model_shape, rows_in_split
-from counterwarp.train.simulator import FitConfig, fit_simulator
+from counterwarp.workflows.folder import (
+    load_images,
+    load_run_classifier,
+    model_shape,
+    rows_in_split,
+)
 
 #: name -> (label, FitConfig overrides, two separate simulators?)
 CONFIGURATIONS: dict[str, tuple[str, dict[str, Any], bool]] = {

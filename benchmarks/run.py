@@ -349,7 +349,7 @@ class _Memory:
 
 def _reset_warp_caches() -> None:
     """Drop counterwarp's cached warp layers, so no case inherits another's reference grid."""
-    from counterwarp.nn import warp as warp_module
+    from counterwarp.geometry import warp as warp_module
 
     for name in ("_WARPS", "_INTEGRATORS"):
         cache = getattr(warp_module, name, None)

@@ -32,10 +32,10 @@ import torch
 
 from counterwarp._io import atomic_path
 from counterwarp.errors import CounterwarpError
-from counterwarp.evaluate import pearson, smooth
 from counterwarp.explain.assess import assess_simulator, explain_in_batches
-from counterwarp.runs import load_images, model_shape, rows_in_split
-from counterwarp.workflows import fit_run, load_run_simulator
+from counterwarp.stats.scores import pearson, smooth
+from counterwarp.workflows.fit import fit_run
+from counterwarp.workflows.folder import load_images, load_run_simulator, model_shape, rows_in_split
 
 CLASSIFIER_FILES = ("classifier.pt", "split.json", "classifier_metrics.json")
 

@@ -34,7 +34,7 @@ import nibabel as nib
 import numpy as np
 
 from counterwarp.errors import CounterwarpError
-from counterwarp.evaluate import pearson, smooth
+from counterwarp.stats.scores import pearson, smooth
 
 QUANTILES = (0.1, 0.25, 0.5)
 SIGMAS = (0.0, 1.0, 1.5)
@@ -80,9 +80,13 @@ def visible_ceiling(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from counterwarp.benchmark import load_cohort_truth
-    from counterwarp.runs import load_images, model_shape, rows_in_split
-    from counterwarp.workflows import load_run_simulator
+    from counterwarp.workflows.benchmark import load_cohort_truth
+    from counterwarp.workflows.folder import (
+        load_images,
+        load_run_simulator,
+        model_shape,
+        rows_in_split,
+    )
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", type=Path, required=True, help="cohort from counterwarp synth")

@@ -12,7 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from counterwarp.benchmark import (
+from counterwarp.data.synthetic import synth
+from counterwarp.errors import CounterwarpError
+from counterwarp.explain.saliency import SALIENCY_METHODS
+from counterwarp.train.classifier import train_classifier
+from counterwarp.workflows.benchmark import (
     SIMULATOR_METHODS,
     TwoSimulators,
     methods_figure,
@@ -20,11 +24,7 @@ from counterwarp.benchmark import (
     score_methods,
     summary_table,
 )
-from counterwarp.data.synthetic import synth
-from counterwarp.errors import CounterwarpError
-from counterwarp.explain.saliency import SALIENCY_METHODS
-from counterwarp.train.classifier import train_classifier
-from counterwarp.workflows import fit_run
+from counterwarp.workflows.fit import fit_run
 
 TINY_FIT = {"steps": 3, "batch_size": 4, "channels": (4, 8, 8), "latent_dim": 16,
             "checkpoint_every": 3}
@@ -151,8 +151,8 @@ def test_region_sensitivity_finds_the_region_a_classifier_reads(cohort_and_run):
     ventricle effect moves its logit the right way, the hippocampi's does not move it."""
     import nibabel as nib
 
-    from counterwarp.benchmark import classifier_region_sensitivity
-    from counterwarp.runs import load_images, rows_in_split
+    from counterwarp.workflows.benchmark import classifier_region_sensitivity
+    from counterwarp.workflows.folder import load_images, rows_in_split
 
     cohort, run = cohort_and_run
     regions = np.asarray(nib.load(cohort / "truth" / "effect_regions.nii.gz").dataobj)

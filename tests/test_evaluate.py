@@ -1,4 +1,4 @@
-"""Tests of counterwarp.evaluate on hand-made maps with known answers."""
+"""Tests of counterwarp.stats.scores on hand-made maps with known answers."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from counterwarp.errors import CounterwarpError
-from counterwarp.evaluate import (
+from counterwarp.stats.scores import (
     localisation_auroc,
     pearson,
     region_means,

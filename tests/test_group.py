@@ -15,13 +15,6 @@ from PIL import Image
 from torch import nn
 
 from counterwarp.errors import CounterwarpError
-from counterwarp.explain.group import (
-    fdr_mask,
-    group_run,
-    group_statistics,
-    load_map_folder,
-    read_atlas_names,
-)
 from counterwarp.explain.progression import (
     progression_frames,
     write_progression,
@@ -29,6 +22,13 @@ from counterwarp.explain.progression import (
 )
 from counterwarp.explain.simulator import Simulator
 from counterwarp.nn.simulator import SimulatorNet
+from counterwarp.workflows.group import (
+    fdr_mask,
+    group_run,
+    group_statistics,
+    load_map_folder,
+    read_atlas_names,
+)
 
 SHAPE = (16, 16, 16)
 AFFINE = np.diag([4.0, 4.0, 4.0, 1.0])

@@ -2,7 +2,7 @@
 loss, and a second process writing the same run folder (issue 5).
 
 The kills are real: ``fit`` runs in a subprocess (a tiny driver script calling
-:func:`counterwarp.workflows.fit_run` with ``resume=True``, because the tiny network's
+:func:`counterwarp.workflows.fit.fit_run` with ``resume=True``, because the tiny network's
 ``channels`` / ``latent_dim`` are not CLI options) and is killed with SIGKILL. Every run, the
 uninterrupted reference included, goes through the same driver with one thread, so the
 resumed weights must equal the reference's exactly.
@@ -38,7 +38,7 @@ from counterwarp.train.simulator import (
     fit_simulator,
     load_checkpoint,
 )
-from counterwarp.workflows import fit_run
+from counterwarp.workflows.fit import fit_run
 
 STEPS = 30
 WANTED_KILLS = 4  # 3 at random moments, 1 inside a checkpoint save
@@ -52,7 +52,7 @@ from pathlib import Path
 import torch
 
 import counterwarp.train.simulator as training
-from counterwarp.workflows import fit_run
+from counterwarp.workflows.fit import fit_run
 
 manifest, run, signals, mode, n = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), \\
     sys.argv[4], int(sys.argv[5])

@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 
 from counterwarp.cli import main
-from counterwarp.workflows import SUMMARY_COLUMNS, fit_run, image_id
+from counterwarp.data.manifest import image_id
+from counterwarp.workflows.explain import SUMMARY_COLUMNS
+from counterwarp.workflows.fit import fit_run
 
 TINY_FIT = {"steps": 4, "batch_size": 4, "channels": (4, 8, 8), "latent_dim": 16,
             "checkpoint_every": 2}

@@ -24,9 +24,9 @@ import hypothesis.strategies as st
 import torch
 from hypothesis import HealthCheck, given, settings
 
-from counterwarp.data.manifest import read_manifest
-from counterwarp.explain.volume import log_volume_change
-from counterwarp.workflows import ExplainInput, image_id, unique_ids
+from counterwarp.data.manifest import image_id, read_manifest
+from counterwarp.geometry.volume import log_volume_change
+from counterwarp.workflows.explain import ExplainInput, unique_ids
 
 FAST = settings(max_examples=25, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

@@ -42,7 +42,7 @@ from counterwarp.explain.simulator import Simulator
 from counterwarp.nn.classifier import Classifier, load_classifier
 from counterwarp.train.classifier import train_classifier
 from counterwarp.train.simulator import CHECKPOINT_NAME, load_checkpoint
-from counterwarp.workflows import fit_run
+from counterwarp.workflows.fit import fit_run
 
 TINY_FIT = {"steps": 2, "batch_size": 4, "channels": (4, 8, 8), "latent_dim": 16,
             "checkpoint_every": 1}
@@ -783,8 +783,8 @@ def test_api_bad_input(kind: str, fitted: Simulator) -> None:
 @pytest.mark.parametrize("kind", ["nan", "four_d", "truncated", "missing"])
 def test_api_workflows_raise_counterwarp_error(kind: str, world: World, tmp_path: Path) -> None:
     """The run-folder workflows raise the same catchable error as the CLI prints."""
-    from counterwarp.explain.saliency_run import saliency_run
-    from counterwarp.workflows import explain_run
+    from counterwarp.workflows.explain import explain_run
+    from counterwarp.workflows.saliency import saliency_run
 
     bad = world.bad[kind]
     with pytest.raises(CounterwarpError, match=re.escape(bad.name)):

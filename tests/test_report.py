@@ -15,7 +15,7 @@ from PIL import Image
 
 from counterwarp.cli import main
 from counterwarp.report.html import markdown_to_html, report_run
-from counterwarp.workflows import fit_run
+from counterwarp.workflows.fit import fit_run
 
 TINY_FIT = {"steps": 4, "batch_size": 4, "channels": (4, 8, 8), "latent_dim": 16,
             "checkpoint_every": 2, "field": "velocity"}

@@ -14,8 +14,8 @@ import torch
 from counterwarp.data.manifest import read_manifest
 from counterwarp.errors import CounterwarpError
 from counterwarp.explain.saliency import SALIENCY_METHODS
-from counterwarp.explain.saliency_run import INDEX_COLUMNS, parse_methods, saliency_run
 from counterwarp.nn.classifier import Classifier, save_classifier
+from counterwarp.workflows.saliency import INDEX_COLUMNS, parse_methods, saliency_run
 
 AFFINE = np.array(
     [[1.5, 0.0, 0.0, -20.0], [0.0, 2.0, 0.0, 10.0], [0.0, 0.0, 3.0, 4.0], [0.0, 0.0, 0.0, 1.0]]

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from counterwarp.errors import CounterwarpError
+from counterwarp.geometry.warp import integrate_velocity, warp
 from counterwarp.nn.simulator import SimulatorNet, num_levels
-from counterwarp.nn.warp import integrate_velocity, warp
 
 SMALL = {"channels": (4, 8, 8, 4), "latent_dim": 16}
 

@@ -14,10 +14,10 @@ import torch
 from counterwarp.cli import main
 from counterwarp.data.stream import parse_shard, shard_positions, table_name
 from counterwarp.errors import CounterwarpError
-from counterwarp.explain.saliency_run import saliency_run
 from counterwarp.explain.simulator import Simulator
-from counterwarp.runs import load_run_classifier
-from counterwarp.workflows import explain_run
+from counterwarp.workflows.explain import explain_run
+from counterwarp.workflows.folder import load_run_classifier
+from counterwarp.workflows.saliency import saliency_run
 from test_saliency_run import _blob, _make_run, _write
 
 

@@ -1,4 +1,4 @@
-"""Tests for counterwarp.explain.volume: Jacobians, sign of the volume change, folding."""
+"""Tests for counterwarp.geometry.volume: Jacobians, sign of the volume change, folding."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from counterwarp.errors import CounterwarpError
-from counterwarp.explain.volume import (
+from counterwarp.geometry.volume import (
     folding_fraction,
     jacobian_determinant,
     jacobian_matrix,

@@ -68,7 +68,7 @@ def _fit_settings(args: argparse.Namespace) -> dict:
 
 def _cmd_fit(args: argparse.Namespace) -> None:
     from counterwarp.distributed import is_main
-    from counterwarp.workflows import fit_run
+    from counterwarp.workflows.fit import fit_run
 
     summary = fit_run(
         args.manifest, args.run, split=args.split, resume=args.resume, device=args.device,
@@ -86,7 +86,7 @@ def _cmd_fit(args: argparse.Namespace) -> None:
 
 def _cmd_explain(args: argparse.Namespace) -> None:
     from counterwarp.data.stream import parse_shard, table_name
-    from counterwarp.workflows import explain_run
+    from counterwarp.workflows.explain import explain_run
 
     rows = explain_run(
         args.run, args.out, manifest=args.manifest, split=args.split, images=args.images,
@@ -101,7 +101,7 @@ def _cmd_explain(args: argparse.Namespace) -> None:
 
 def _cmd_saliency(args: argparse.Namespace) -> None:
     from counterwarp.data.stream import parse_shard, table_name
-    from counterwarp.explain.saliency_run import INDEX_NAME, saliency_run
+    from counterwarp.workflows.saliency import INDEX_NAME, saliency_run
 
     rows = saliency_run(
         args.run, args.out, methods=args.method, manifest=args.manifest, split=args.split,
@@ -117,7 +117,7 @@ def _cmd_saliency(args: argparse.Namespace) -> None:
 
 
 def _cmd_benchmark(args: argparse.Namespace) -> None:
-    from counterwarp.benchmark import run_benchmark
+    from counterwarp.workflows.benchmark import run_benchmark
 
     result = run_benchmark(
         args.data, args.run, args.out, methods=args.methods,
@@ -130,7 +130,7 @@ def _cmd_benchmark(args: argparse.Namespace) -> None:
 
 
 def _cmd_group(args: argparse.Namespace) -> None:
-    from counterwarp.explain.group import group_run
+    from counterwarp.workflows.group import group_run
 
     directions = ("inject", "remove") if args.direction == "both" else (args.direction,)
     for direction in directions:
@@ -157,7 +157,7 @@ def _cmd_report(args: argparse.Namespace) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
-    from counterwarp.demo import run_demo
+    from counterwarp.workflows.demo import run_demo
 
     run_demo(args.out, quick=args.quick)
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from monai.losses import BendingEnergyLoss
 
 from counterwarp.errors import CounterwarpError
-from counterwarp.explain.volume import jacobian_determinant
+from counterwarp.geometry.volume import jacobian_determinant
 
 SmoothnessKind = Literal["l2", "l1", "bending"]
 SMOOTHNESS_KINDS: tuple[str, ...] = ("l2", "l1", "bending")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -51,12 +52,26 @@ class ManifestRow:
     extras: dict[str, str] = field(default_factory=dict)
 
 
-def _file_stem(path: Path) -> str:
+def nifti_stem(path: Path) -> str:
+    """The file name without its NIfTI suffix (``.nii.gz`` / ``.nii``, any case)."""
     name = path.name
     for suffix in _NIFTI_SUFFIXES:
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return path.stem
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def image_id(path: Path) -> str:
+    """A file-name-safe id for an image: :func:`nifti_stem`, sanitised.
+
+    Ids never contain path separators, and start with a letter or digit (never a dot, which
+    would hide the file, nor a dash, which shells read as an option), so outputs stay
+    visible inside --out.
+    """
+    return _UNSAFE.sub("_", nifti_stem(path)).strip("._-") or "image"
 
 
 def _detect_delimiter(header_line: str) -> str:
@@ -189,7 +204,7 @@ def read_manifest(
         image_path = image_path.resolve()
         subject = raw[subject_key] if subject_key else ""
         if not subject:
-            subject = _file_stem(image_path)
+            subject = nifti_stem(image_path)
         extras = {
             name: value
             for name, value in raw.items()

@@ -21,7 +21,7 @@ template through the composition of the maps: ``x_s(p) = T(phi_d(phi_s(p)))``.
 
 Ground truth: the disease effect's log volume change of the anatomy, growth positive,
 computed from the actual integrated field as ``-log det(I + grad u_d)``, exact in the space
-of the image it is applied to (:func:`counterwarp.explain.volume.log_volume_change`). In a
+of the image it is applied to (:func:`counterwarp.geometry.volume.log_volume_change`). In a
 subject's own image space it is ``truth_d(phi_s(p))`` (chain rule; exact up to linear
 interpolation). Healthy subjects have an all-zero truth map. The age effect is *not* part of
 the truth: it is not the disease.
@@ -568,7 +568,7 @@ def _normalised_identity(spatial: tuple[int, ...]) -> tuple[Any, Any]:
 def _log_volume_change(displacement: np.ndarray) -> np.ndarray:
     import torch
 
-    from counterwarp.explain.volume import log_volume_change
+    from counterwarp.geometry.volume import log_volume_change
 
     with torch.no_grad(), _single_thread():
         lvc = log_volume_change(torch.from_numpy(np.ascontiguousarray(displacement))[None])

@@ -8,8 +8,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from counterwarp.evaluate import pearson, smooth
 from counterwarp.explain.simulator import Explanation, Simulator
+from counterwarp.stats.scores import pearson, smooth
 
 
 def explain_in_batches(

@@ -25,8 +25,8 @@ import torch
 from counterwarp._io import atomic_path
 from counterwarp.errors import CounterwarpError
 from counterwarp.explain.simulator import DIRECTIONS, Simulator
-from counterwarp.explain.volume import log_volume_change
-from counterwarp.nn.warp import integrate_velocity, warp
+from counterwarp.geometry.volume import log_volume_change
+from counterwarp.geometry.warp import integrate_velocity, warp
 
 __all__ = [
     "check_progression_supported",

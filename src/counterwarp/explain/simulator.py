@@ -16,7 +16,7 @@ from torch.utils.data import Dataset
 
 from counterwarp._io import save_torch_atomic
 from counterwarp.errors import CounterwarpError
-from counterwarp.explain.volume import folding_fraction, log_volume_change
+from counterwarp.geometry.volume import folding_fraction, log_volume_change
 from counterwarp.losses import moved_by_margin
 from counterwarp.nn.simulator import SimulatorNet
 from counterwarp.train.simulator import (

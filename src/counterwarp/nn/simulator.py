@@ -37,8 +37,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from counterwarp.errors import CounterwarpError
+from counterwarp.geometry.warp import integrate_velocity
 from counterwarp.nn.condconv import ROUTINGS, CondConv
-from counterwarp.nn.warp import integrate_velocity
 
 Field = Literal["displacement", "velocity"]
 FIELDS: tuple[str, ...] = ("displacement", "velocity")

@@ -8,7 +8,7 @@ Every section is optional: what the run folder lacks is replaced by a short note
 Sections: cohort and classifier (``split.json``, ``classifier_metrics.json``,
 ``classifier_log.csv``); simulator fit (``simulator_fit.json``, ``simulator_log.csv``, the
 demo's held-out assessment when present); group maps (``RUN/group``, computed with
-:func:`counterwarp.explain.group.group_run` when absent and a simulator exists);
+:func:`counterwarp.workflows.group.group_run` when absent and a simulator exists);
 per-subject panels of a few held-out subjects for both directions with saliency baselines
 beside them (reused from an ``explain`` / ``saliency`` folder, otherwise made now); the
 benchmark table (``results.md``) when present.
@@ -357,7 +357,7 @@ def _auto_atlas(ctx: _Context) -> tuple[Path | None, Path | None]:
 
 
 def _group_section(ctx: _Context) -> str:
-    from counterwarp.explain.group import group_run
+    from counterwarp.workflows.group import group_run
 
     folder = Path(ctx.options.get("group_dir") or ctx.run / GROUP_FOLDER)
     parts: list[str] = [
@@ -443,7 +443,7 @@ def _find_folder(given: Any, candidates: list[Path], probe: Callable[[Path], boo
 
 
 def _subjects_section(ctx: _Context) -> str:
-    from counterwarp.workflows import image_id
+    from counterwarp.data.manifest import image_id
 
     count = int(ctx.options.get("n_subjects", 4))
     chosen = _held_out_subjects(ctx, count)
@@ -459,7 +459,7 @@ def _subjects_section(ctx: _Context) -> str:
     explain_dir = _find_folder(ctx.options.get("explain_dir"),
                                [ctx.run.parent / "explain", ctx.run / "explain"], has_panels)
     if explain_dir is None and ctx.has_simulator and ctx.options.get("compute", True):
-        from counterwarp.workflows import explain_run
+        from counterwarp.workflows.explain import explain_run
 
         explain_dir = ctx.tmp / "explain"
         explain_run(ctx.run, explain_dir, images=paths, direction="both",
@@ -477,7 +477,7 @@ def _subjects_section(ctx: _Context) -> str:
                                 has_saliency)
     saliency_error = None
     if saliency_dir is None and ctx.has_classifier and ctx.options.get("compute", True):
-        from counterwarp.explain.saliency_run import saliency_run
+        from counterwarp.workflows.saliency import saliency_run
 
         try:
             saliency_dir = ctx.tmp / "saliency"

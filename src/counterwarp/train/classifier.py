@@ -72,8 +72,8 @@ from counterwarp.data.manifest import (
 )
 from counterwarp.data.preprocess import PREPROCESSING_INFO
 from counterwarp.errors import CounterwarpError
+from counterwarp.geometry.warp import warp
 from counterwarp.nn.classifier import Classifier, save_classifier
-from counterwarp.nn.warp import warp
 from counterwarp.train.common import (
     auc,
     binary_metrics,

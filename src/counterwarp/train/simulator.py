@@ -24,7 +24,6 @@ rank 0 writes the checkpoint and the log (all ranks resume from the same checkpo
 from __future__ import annotations
 
 import csv
-import dataclasses
 import io
 import math
 import time
@@ -40,6 +39,7 @@ from tqdm.auto import tqdm
 from counterwarp import distributed
 from counterwarp._io import save_torch_atomic, write_text_atomic
 from counterwarp.errors import CounterwarpError
+from counterwarp.geometry.warp import warp
 from counterwarp.losses import (
     cycle_loss,
     displacement_magnitude_loss,
@@ -49,7 +49,7 @@ from counterwarp.losses import (
     smoothness_loss,
 )
 from counterwarp.nn.simulator import SimulatorNet
-from counterwarp.nn.warp import warp
+from counterwarp.train.config import FitConfig
 
 CHECKPOINT_NAME = "simulator_checkpoint.pt"
 LOG_NAME = "simulator_log.csv"
@@ -58,121 +58,6 @@ LOG_COLUMNS = (
 )
 INJECT = 1.0
 REMOVE = -1.0
-#: ``FitConfig.precision``: ``"bf16"`` runs the networks' forward passes (simulator and
-#: classifier) under ``torch.autocast(dtype=torch.bfloat16)``; fields, warps and losses stay
-#: float32, and so do the weights and the optimiser (plain mixed precision, no loss scaling).
-PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
-
-
-@dataclass
-class FitConfig:
-    """Settings of one simulator fit (JSON-able; stored in the checkpoints).
-
-    Weights and defaults were chosen by measurement on the synthetic cohort (see README).
-    ``margin`` in logit units; ``None`` derives it as ``margin_sd`` times the standard
-    deviation of the classifier's logits on the training images.
-    """
-
-    field: str = "displacement"
-    num_experts: int = 3
-    routing: str = "features+condition"
-    channels: tuple[int, ...] = (16, 32, 64, 16, 16)
-    latent_dim: int = 512
-    steps: int = 600
-    batch_size: int = 8
-    lr: float = 1e-3
-    lr_schedule: str = "constant"
-    weight_decay: float = 1e-4
-    schedule: str = "joint"
-    cycle_warmup: int = 20
-    margin: float | None = None
-    margin_sd: float = 1.0
-    w_shift: float = 1.0
-    w_cycle: float = 5.0
-    w_smooth: float = 1.0
-    smooth_kind: str = "l2"
-    w_magnitude: float = 0.01
-    w_fold: float = 0.0
-    field_sigma: float = 1.0
-    norm: str = "batch"
-    antisymmetric: bool = True
-    precision: str = "fp32"
-    checkpoint_every: int = 50
-    seed: int = 0
-
-    def validate(self) -> None:
-        """Raise :class:`CounterwarpError` naming the first invalid setting."""
-        choices = {
-            "field": ("displacement", "velocity"),
-            "routing": ("features+condition", "condition"),
-            "schedule": ("joint", "alternating"),
-            "smooth_kind": ("l1", "l2", "bending"),
-            "norm": ("batch", "group"),
-            "lr_schedule": ("constant", "cosine"),
-            "precision": PRECISIONS,
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise CounterwarpError(
-                    f"{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}"
-                )
-        positive_ints = ("num_experts", "steps", "batch_size", "checkpoint_every", "latent_dim")
-        for name in positive_ints:
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise CounterwarpError(f"{name} must be a positive integer, got {value!r}")
-        non_negative = ("w_shift", "w_cycle", "w_smooth", "w_magnitude", "w_fold",
-                        "weight_decay", "field_sigma")
-        for name in non_negative:
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise CounterwarpError(f"{name} must be a finite number >= 0, got {value!r}")
-        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
-            raise CounterwarpError(f"lr must be a positive number, got {self.lr!r}")
-        def positive_number(value: Any) -> bool:
-            return (isinstance(value, (int, float)) and not isinstance(value, bool)
-                    and math.isfinite(value) and value > 0)
-
-        if self.margin is not None and not positive_number(self.margin):
-            raise CounterwarpError(f"margin must be a positive number, got {self.margin!r}")
-        if not positive_number(self.margin_sd):
-            raise CounterwarpError(f"margin_sd must be a positive number, got {self.margin_sd!r}")
-        for name in ("seed", "cycle_warmup"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise CounterwarpError(f"{name} must be an integer >= 0, got {value!r}")
-        if not (
-            isinstance(self.channels, tuple) and len(self.channels) >= 2
-            and all(isinstance(c, int) and not isinstance(c, bool) and c >= 1
-                    for c in self.channels)
-        ):
-            raise CounterwarpError(
-                f"channels must be two or more positive integers, got {self.channels!r}"
-            )
-        if not isinstance(self.antisymmetric, bool):
-            raise CounterwarpError(
-                f"antisymmetric must be true or false, got {self.antisymmetric!r}"
-            )
-
-    def to_dict(self) -> dict[str, Any]:
-        payload = dataclasses.asdict(self)
-        payload["channels"] = list(self.channels)
-        return payload
-
-    @classmethod
-    def from_dict(cls, payload: dict[str, Any]) -> FitConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(payload) - known)
-        if unknown:
-            raise CounterwarpError(f"unknown simulator settings: {', '.join(unknown)}")
-        values = dict(payload)
-        if "channels" in values:
-            values["channels"] = tuple(int(c) for c in values["channels"])
-        config = cls(**values)
-        config.validate()
-        return config
-
-
 @dataclass
 class FitResult:
     """What :func:`fit_simulator` returns."""
@@ -447,8 +332,8 @@ def fit_simulator(
             ``cuda:LOCAL_RANK``).
         on_step: called after every step with ``(step, logged values)`` (tests, callbacks).
         net_factory: builds the network instead of :class:`SimulatorNet`, called with the
-            same arguments (e.g. ``counterwarp.benchmark.TwoSimulators`` for the ablation of
-            two separate unconditional simulators).
+            same arguments (e.g. ``TwoSimulators`` for the ablation of two separate
+            unconditional simulators).
 
     Returns:
         A :class:`FitResult` with the trained network (eval mode) and the derived margin.

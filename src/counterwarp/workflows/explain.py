@@ -1,4 +1,4 @@
-"""Run-folder workflows behind ``counterwarp fit`` and ``counterwarp explain``.
+"""``counterwarp explain``: the run's simulator applied to images, maps written to a folder.
 
 Each function reads what earlier commands wrote into the run folder, does one job, writes
 its outputs atomically and returns a summary the CLI prints.
@@ -6,10 +6,8 @@ its outputs atomically and returns a summary the CLI prints.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,13 +16,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from counterwarp import distributed
-from counterwarp._io import (
-    folder_lock,
-    remove_stale_temps,
-    write_json_atomic,
-    write_text_atomic,
-)
+from counterwarp._io import write_text_atomic
+from counterwarp.data.manifest import image_id
 from counterwarp.data.preprocess import save_on_input_grid
 from counterwarp.data.stream import (
     Shard,
@@ -37,104 +30,15 @@ from counterwarp.data.stream import (
     table_name,
 )
 from counterwarp.errors import CounterwarpError
-from counterwarp.explain.simulator import Explanation, Simulator
+from counterwarp.explain.simulator import Explanation
 from counterwarp.report.figures import explanation_panel
-from counterwarp.runs import load_images, load_run_classifier, model_shape, rows_in_split
-from counterwarp.train.common import choose_device
-from counterwarp.train.simulator import CHECKPOINT_NAME, LOG_NAME
+from counterwarp.workflows.folder import load_run_simulator, model_shape, rows_in_split
 
-SIMULATOR_NAME = "simulator.pt"
-FIT_METRICS_NAME = "simulator_fit.json"
 SUMMARY_COLUMNS = (
     "id", "path", "label", "direction", "logit_before", "logit_after", "probability_before",
     "probability_after", "logit_shift", "margin", "moved_by_margin", "prediction_flipped",
     "folding_share", "mean_abs_log_volume_change",
 )
-
-
-@distributed.in_process_group
-def fit_run(
-    manifest: str | Path,
-    run: str | Path,
-    *,
-    split: str = "train+val",
-    resume: bool = False,
-    progress: bool = True,
-    device: str | None = None,
-    **settings: Any,
-) -> dict[str, Any]:
-    """Fit the simulator for the run's classifier on the ``split`` images of ``manifest``.
-
-    Writes ``RUN/simulator.pt``, ``RUN/simulator_fit.json`` (settings, derived margin, final
-    shares), ``RUN/simulator_log.csv`` (every step's losses) and checkpoints. Under torchrun
-    every rank trains (see :mod:`counterwarp.distributed`) and rank 0 alone takes the folder
-    lock and writes; every rank returns the same summary.
-    """
-    run = Path(run)
-    group = distributed.current()
-    progress = progress and group.is_main
-    classifier, payload = load_run_classifier(run)
-    simulator = Simulator(**settings)  # validates the settings before any work
-    if device is not None:
-        choose_device(device)  # an unknown device name is a user error, not a traceback
-    rows = rows_in_split(run, manifest, split, positive_label=payload.get("positive_label"))
-    images, _ = load_images(rows, model_shape(payload), progress=progress)
-    lock = folder_lock(run, "a simulator") if group.is_main else contextlib.nullcontext()
-    with lock:
-        if group.is_main:
-            # temporaries of a fit killed mid-write (only fit writes these names, under the lock)
-            remove_stale_temps(
-                run, (CHECKPOINT_NAME, LOG_NAME, SIMULATOR_NAME, FIT_METRICS_NAME)
-            )
-        simulator.fit(
-            classifier, images, run_dir=run, resume=resume, progress=progress, device=device
-        )
-        if group.is_main:
-            simulator.save(run / SIMULATOR_NAME)
-        summary = {
-            "manifest": str(Path(manifest).resolve()),
-            "split": split,
-            "n_images": int(images.shape[0]),
-            "margin": simulator.margin_,
-            "margin_rule": (
-                "given" if simulator.config.margin is not None
-                else f"{simulator.config.margin_sd} x sd of training logits"
-            ),
-            "logit_mean": simulator.logit_mean_,
-            "logit_std": simulator.logit_std_,
-            "settings": simulator.config.to_dict(),
-            "final_step": simulator.history_[-1] if simulator.history_ else {},
-        }
-        if group.is_main:
-            write_json_atomic(run / FIT_METRICS_NAME, summary)
-    return summary
-
-
-def load_run_simulator(run: str | Path) -> tuple[Simulator, dict[str, Any]]:
-    """The fitted simulator of a run folder, bound to the run's classifier, and the
-    classifier checkpoint's metadata (input shape, positive label, ...)."""
-    run = Path(run)
-    classifier, payload = load_run_classifier(run)
-    return Simulator.load(run / SIMULATOR_NAME, classifier), payload
-
-
-_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
-
-
-def image_id(path: Path) -> str:
-    """A file-name-safe id for an image: its name without NIfTI suffixes, sanitised.
-
-    Ids never contain path separators, and start with a letter or digit (never a dot, which
-    would hide the file, nor a dash, which shells read as an option), so outputs stay
-    visible inside --out.
-    """
-    name = path.name
-    for suffix in (".nii.gz", ".nii"):
-        if name.endswith(suffix):
-            name = name[: -len(suffix)]
-            break
-    cleaned = _UNSAFE.sub("_", name).strip("._-") or "image"
-    return cleaned
 
 
 @dataclass

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from counterwarp._io import save_nifti_atomic, write_json_atomic, write_text_atomic
 from counterwarp.errors import CounterwarpError
-from counterwarp.evaluate import region_means
+from counterwarp.stats.scores import region_means
 
 __all__ = [
     "DIRECTIONS",
@@ -170,7 +170,7 @@ def region_table(
             ``outside`` row, which then means "brain voxels outside every region").
 
     Returns:
-        Rows ordered as :func:`counterwarp.evaluate.region_means` orders them (largest
+        Rows ordered as :func:`counterwarp.stats.scores.region_means` orders them (largest
         ``|mean|`` first, ``outside`` last), each with the keys of :data:`REGION_COLUMNS`:
         the region mean of the group mean map (natural log), its percent volume change, the
         voxel count, and the across-subject sd, t and two-sided p of the subjects' region
@@ -318,9 +318,14 @@ def _maps_from_simulator(
     """Per-subject maps of ``direction`` from the run's simulator, with mean anatomy."""
     import torch
 
+    from counterwarp.data.manifest import image_id
     from counterwarp.data.preprocess import load_model_input
-    from counterwarp.runs import model_shape, read_split, rows_in_split
-    from counterwarp.workflows import image_id, load_run_simulator
+    from counterwarp.workflows.folder import (
+        load_run_simulator,
+        model_shape,
+        read_split,
+        rows_in_split,
+    )
 
     split_info = read_split(run)
     if manifest is None:

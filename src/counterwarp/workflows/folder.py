@@ -14,9 +14,12 @@ import torch
 
 from counterwarp.data.manifest import ManifestDataset, ManifestRow, read_manifest
 from counterwarp.errors import CounterwarpError
+from counterwarp.explain.simulator import Simulator
 from counterwarp.nn.classifier import Classifier, load_classifier
 
 SPLIT_PARTS = ("train", "val", "test")
+SIMULATOR_NAME = "simulator.pt"
+FIT_METRICS_NAME = "simulator_fit.json"
 
 
 def load_run_classifier(
@@ -102,3 +105,11 @@ def load_images(
     images = torch.stack([dataset[i][0] for i in range(len(dataset))])
     labels = torch.tensor([float(row.label) for row in rows])
     return images, labels
+
+
+def load_run_simulator(run: str | Path) -> tuple[Simulator, dict[str, Any]]:
+    """The fitted simulator of a run folder, bound to the run's classifier, and the
+    classifier checkpoint's metadata (input shape, positive label, ...)."""
+    run = Path(run)
+    classifier, payload = load_run_classifier(run)
+    return Simulator.load(run / SIMULATOR_NAME, classifier), payload

@@ -9,7 +9,7 @@ stores every subject's true log volume change), every method makes one map per s
   the disease effect with a positive sign, like ``inject``;
 - each saliency baseline of :data:`~counterwarp.explain.saliency.SALIENCY_METHODS`.
 
-Scores (all from :mod:`counterwarp.evaluate`):
+Scores (all from :mod:`counterwarp.stats.scores`):
 
 - per held-out *diseased* subject (true map not all zero) and method: Pearson, Spearman,
   localisation AUROC of ``|map|`` for ``|truth| > threshold``, and the region-scale Pearson
@@ -51,12 +51,12 @@ from counterwarp._io import atomic_path, write_json_atomic, write_text_atomic
 from counterwarp.data.manifest import ManifestRow
 from counterwarp.data.preprocess import resample_linear
 from counterwarp.errors import CounterwarpError
-from counterwarp.evaluate import score_map
 from counterwarp.explain.assess import assess_simulator, explain_in_batches
 from counterwarp.explain.saliency import SALIENCY_METHODS, saliency_map
 from counterwarp.explain.simulator import Simulator
 from counterwarp.losses import mean_abs_gradient
 from counterwarp.nn.simulator import SimulatorNet
+from counterwarp.stats.scores import score_map
 
 __all__ = [
     "METRICS",
@@ -367,7 +367,7 @@ def classifier_region_sensitivity(
     import json
 
     from counterwarp.data.synthetic import EffectSpec, effect_deformation, make_grid
-    from counterwarp.nn.warp import warp
+    from counterwarp.geometry.warp import warp
     from counterwarp.train.simulator import classifier_logits
 
     try:
@@ -680,7 +680,7 @@ def _chosen_methods(methods: str | Sequence[str] | None) -> list[str]:
         return list(SALIENCY_METHODS)
     if not isinstance(methods, str) and len(methods) == 0:
         return []
-    from counterwarp.explain.saliency_run import parse_methods
+    from counterwarp.workflows.saliency import parse_methods
 
     return parse_methods(methods)
 
@@ -829,11 +829,15 @@ def run_benchmark(
         CounterwarpError: not a ``synth`` cohort, no classifier / simulator in the run, bad
             method names or occlusion patch, ``out`` an existing file. Nothing is written.
     """
-    from counterwarp.explain.saliency_run import check_occlusion_patch
     from counterwarp.nn.classifier import last_conv_layer
-    from counterwarp.runs import load_images, model_shape, rows_in_split
     from counterwarp.train.common import choose_device
-    from counterwarp.workflows import load_run_simulator
+    from counterwarp.workflows.folder import (
+        load_images,
+        load_run_simulator,
+        model_shape,
+        rows_in_split,
+    )
+    from counterwarp.workflows.saliency import check_occlusion_patch
 
     data, run, out = Path(data).expanduser(), Path(run).expanduser(), Path(out).expanduser()
     chosen = _chosen_methods(methods)

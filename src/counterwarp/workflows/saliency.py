@@ -43,9 +43,9 @@ from counterwarp.data.stream import (
 from counterwarp.errors import CounterwarpError
 from counterwarp.explain.saliency import SALIENCY_METHODS, saliency_map, saliency_panel
 from counterwarp.nn.classifier import last_conv_layer
-from counterwarp.runs import load_run_classifier, model_shape
 from counterwarp.train.common import choose_device
-from counterwarp.workflows import explain_inputs, shard_inputs
+from counterwarp.workflows.explain import explain_inputs, shard_inputs
+from counterwarp.workflows.folder import load_run_classifier, model_shape
 
 INDEX_NAME = "saliency_index.csv"
 INDEX_COLUMNS = ("id", "path", "label", "method", "file", "panel")

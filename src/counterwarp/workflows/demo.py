@@ -17,9 +17,10 @@ from counterwarp._io import write_json_atomic
 from counterwarp.data.synthetic import synth
 from counterwarp.explain.assess import assess_simulator
 from counterwarp.report.html import report_run
-from counterwarp.runs import load_images, model_shape, rows_in_split
 from counterwarp.train.classifier import train_classifier
-from counterwarp.workflows import explain_run, fit_run, load_run_simulator
+from counterwarp.workflows.explain import explain_run
+from counterwarp.workflows.fit import fit_run
+from counterwarp.workflows.folder import load_images, load_run_simulator, model_shape, rows_in_split
 
 DEMO_SIZES: dict[str, dict[str, Any]] = {
     "full": {

@@ -1,0 +1,1 @@
+"""Geometry: warping, scaling and squaring, Jacobian determinants and folding."""

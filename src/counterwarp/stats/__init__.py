@@ -1,0 +1,1 @@
+"""Statistics and scoring: arrays in, numbers or arrays out."""

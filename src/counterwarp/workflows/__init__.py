@@ -1,0 +1,1 @@
+"""Workflows: one module per command, run folder in, run folder out."""
