@@ -59,11 +59,60 @@ def _cmd_train_classifier(args: argparse.Namespace) -> None:
     print(f"wrote {Path(args.out) / 'classifier.pt'}, classifier_metrics.json, split.json")
 
 
+#: The ``fit`` options: FitConfig field -> help text. Types, choices and shown defaults come
+#: from :class:`counterwarp.train.config.FitConfig`, the one home of the defaults.
+FIT_OPTIONS: dict[str, str] = {
+    "field": "displacement field (the paper's) or diffeomorphic velocity field",
+    "steps": "training steps",
+    "batch_size": "images per step (both directions in every batch)",
+    "lr": "Adam learning rate",
+    "lr_schedule": "learning rate over the steps (cosine: decays to 0 at the last step)",
+    "schedule": "joint: one optimiser on all losses; alternating: the paper's two optimisers",
+    "margin": "logit margin of the shift loss, in logit units "
+              "(default: --margin-sd x sd of the training logits)",
+    "margin_sd": "the derived margin, in standard deviations of the training logits",
+    "w_cycle": "weight of the cycle loss (inject then remove returns the image)",
+    "w_smooth": "weight of the field smoothness loss",
+    "smooth_kind": "smoothness penalty on the field's gradients",
+    "w_magnitude": "weight of the field magnitude loss",
+    "w_fold": "weight of the penalty on near-singular / folded voxels (det < 0.25)",
+    "num_experts": "expert kernels per conditional convolution",
+    "routing": "what the conditional convolutions route on",
+    "antisymmetric": "one disease field g(x) for both directions (remove = -inject); "
+                     "--no-antisymmetric gives the paper's fully conditional simulator",
+    "field_sigma": "Gaussian smoothing of the predicted field, in voxels",
+    "precision": "bf16: forward passes under bfloat16 autocast (GPUs, and CPUs with "
+                 "AMX/AVX512-BF16); fields, warps and weights stay float32",
+    "checkpoint_every": "write a resumable checkpoint every N steps",
+    "seed": "random seed of the fit",
+}
+
+
+def _add_fit_options(p: argparse.ArgumentParser) -> None:
+    """One option per :data:`FIT_OPTIONS` entry, typed and documented from FitConfig.
+
+    The parsed default is None (only the options given reach :func:`_fit_settings`, the
+    rest take FitConfig's defaults); the help shows FitConfig's default.
+    """
+    from counterwarp.train.config import CHOICES, FitConfig
+
+    defaults = FitConfig()
+    for name, text in FIT_OPTIONS.items():
+        flag = "--" + name.replace("_", "-")
+        default = getattr(defaults, name)
+        shown = "" if default is None else f" (default: {default})"
+        if isinstance(default, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                           help=text + shown)
+            continue
+        kind = float if default is None else type(default)  # margin: a float or None
+        p.add_argument(flag, type=kind, default=None, choices=CHOICES.get(name),
+                       help=text + shown)
+
+
 def _fit_settings(args: argparse.Namespace) -> dict:
-    names = ("field", "steps", "batch_size", "lr", "lr_schedule", "schedule", "margin", "margin_sd",
-             "w_cycle", "w_smooth", "smooth_kind", "w_magnitude", "w_fold", "num_experts",
-             "routing", "antisymmetric", "field_sigma", "precision", "checkpoint_every", "seed")
-    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    """The ``fit`` options given on the command line, as FitConfig settings."""
+    return {name: getattr(args, name) for name in FIT_OPTIONS if getattr(args, name) is not None}
 
 
 def _cmd_fit(args: argparse.Namespace) -> None:
@@ -174,154 +223,183 @@ def _add_stream_options(p: argparse.ArgumentParser, table: str) -> None:
                         "(default 0: read in the main process)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="counterwarp",
-        description="Explain an image classifier by simulating the morphology it reads as disease.",
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows every option's default (unless the help already says it, the option is
+    required, or there is none to show) and keeps the epilog's example lines as written."""
 
-    p = sub.add_parser("synth", help="synthetic MRI cohort with ground-truth volume change")
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (
+            "default" in text or action.required or action.default is None
+            or action.default is False or action.default is argparse.SUPPRESS
+            or not action.option_strings
+        ):
+            return text
+        return text + " (default: %(default)s)"
+
+
+#: One worked example per command, shown at the end of its ``--help``.
+EXAMPLES: dict[str, str] = {
+    "synth": "counterwarp synth --out cohort --n 200",
+    "train-classifier": "counterwarp train-classifier --manifest cohort/manifest.csv --out run",
+    "fit": "counterwarp fit --manifest cohort/manifest.csv --run run --steps 600",
+    "explain": "counterwarp explain --run run --manifest cohort/manifest.csv --out run/explain",
+    "saliency": "counterwarp saliency --run run --manifest cohort/manifest.csv "
+                "--method gradient,occlusion --out run/saliency",
+    "benchmark": "counterwarp benchmark --data cohort --run run --out run/benchmark",
+    "group": "counterwarp group --run run --direction both --out run/group",
+    "report": "counterwarp report --run run",
+    "demo": "counterwarp demo --out runs/demo",
+}
+
+
+def _command(sub: argparse._SubParsersAction, name: str, summary: str) -> argparse.ArgumentParser:
+    return sub.add_parser(
+        name, help=summary, description=summary, formatter_class=_HelpFormatter,
+        epilog=f"example:\n  {EXAMPLES[name]}",
+    )
+
+
+def _device_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=None,
+                   help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda if available)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from counterwarp import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="counterwarp", formatter_class=_HelpFormatter,
+        description="Explain an image classifier by simulating the morphology it reads as disease.",
+        epilog="Run `counterwarp COMMAND --help` for a command's options and an example.",
+    )
+    parser.add_argument("--version", action="version", version=f"counterwarp {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = _command(sub, "synth", "synthetic MRI cohort with ground-truth volume change")
     p.add_argument("--out", required=True, type=Path, help="output folder")
-    p.add_argument("--n", type=int, default=200, help="number of subjects (default 200)")
+    p.add_argument("--n", type=int, default=200, help="number of subjects")
     p.add_argument("--shape", type=int, nargs="+", default=None,
                    help="image shape in voxels (default 32 32 32, or 64 64 with --dim 2)")
     p.add_argument("--dim", type=int, choices=(2, 3), default=3,
                    help="3 (volumes) or 2 (one coronal slice through the hippocampi)")
-    p.add_argument("--diseased-fraction", type=float, default=0.5)
+    p.add_argument("--diseased-fraction", type=float, default=0.5,
+                   help="share of subjects that carry the disease effect")
     p.add_argument("--effect", type=float, default=1.0, help="strength of the disease effect")
     p.add_argument("--effect-spec", type=Path, default=None,
                    help="JSON file of effect regions (default: ventricles + hippocampi)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed of the cohort")
     p.set_defaults(func=_cmd_synth)
 
-    p = sub.add_parser("train-classifier", help="train the paper's CNN on a manifest")
-    p.add_argument("--manifest", required=True, type=Path)
+    p = _command(sub, "train-classifier", "train the paper's CNN on a manifest")
+    p.add_argument("--manifest", required=True, type=Path,
+                   help="CSV with path,label (+ subject, covariates)")
     p.add_argument("--out", required=True, type=Path, help="run folder")
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=30, help="training epochs")
+    p.add_argument("--batch-size", type=int, default=16, help="images per step")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    p.add_argument("--seed", type=int, default=0, help="random seed of split and training")
     p.add_argument("--shape", type=int, nargs="+", default=None,
-                   help="resample/crop/pad every image to this shape")
+                   help="resample every image to this shape (default: the first image's)")
     p.add_argument("--positive-label", default=None,
                    help="label value meaning 'diseased' when labels are strings")
     p.set_defaults(func=_cmd_train_classifier)
 
-    p = sub.add_parser("fit", help="fit the conditional warping simulator for a run's classifier")
-    p.add_argument("--manifest", required=True, type=Path)
+    p = _command(sub, "fit", "fit the conditional warping simulator for a run's classifier")
+    p.add_argument("--manifest", required=True, type=Path,
+                   help="the manifest the classifier was trained on")
     p.add_argument("--run", required=True, type=Path, help="run folder with classifier.pt")
     p.add_argument("--split", default="train+val",
-                   help="which parts of RUN/split.json to train on (default train+val)")
+                   help="which parts of RUN/split.json to train on (train, val, test joined "
+                        "with '+', or all)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
-    p.add_argument("--field", choices=("displacement", "velocity"), default=None,
-                   help="displacement field (the paper's) or diffeomorphic velocity field")
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--lr-schedule", choices=("constant", "cosine"), default=None,
-                   help="learning rate over the steps (cosine: decays to 0 at the last step)")
-    p.add_argument("--schedule", choices=("joint", "alternating"), default=None)
-    p.add_argument("--margin", type=float, default=None,
-                   help="logit margin (default: --margin-sd x sd of training logits)")
-    p.add_argument("--margin-sd", type=float, default=None)
-    p.add_argument("--w-cycle", type=float, default=None)
-    p.add_argument("--w-smooth", type=float, default=None)
-    p.add_argument("--smooth-kind", choices=("l1", "l2", "bending"), default=None)
-    p.add_argument("--w-magnitude", type=float, default=None)
-    p.add_argument("--w-fold", type=float, default=None,
-                   help="weight of the penalty on near-singular / folded voxels (det < 0.25)")
-    p.add_argument("--num-experts", type=int, default=None)
-    p.add_argument("--routing", choices=("features+condition", "condition"), default=None)
-    p.add_argument("--antisymmetric", action=argparse.BooleanOptionalAction, default=None,
-                   help="one disease field g(x) for both directions (remove = -inject); "
-                        "--no-antisymmetric gives the paper's fully conditional simulator")
-    p.add_argument("--field-sigma", type=float, default=None,
-                   help="Gaussian smoothing of the predicted field, in voxels (default 1)")
-    p.add_argument("--precision", choices=("fp32", "bf16"), default=None,
-                   help="bf16: forward passes under bfloat16 autocast (GPUs, and CPUs with "
-                        "AMX/AVX512-BF16); fields, warps and weights stay float32")
-    p.add_argument("--checkpoint-every", type=int, default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
+    _add_fit_options(p)
+    _device_option(p)
     p.set_defaults(func=_cmd_fit)
 
-    p = sub.add_parser("explain", help="simulated images and volume-change maps per image")
-    p.add_argument("--run", required=True, type=Path)
-    p.add_argument("--manifest", type=Path, default=None)
-    p.add_argument("--split", default="test", help="part of the split to explain (default test)")
+    p = _command(sub, "explain", "simulated images and volume-change maps per image")
+    p.add_argument("--run", required=True, type=Path, help="run folder with simulator.pt")
+    p.add_argument("--manifest", type=Path, default=None, help="images to explain (a CSV)")
+    p.add_argument("--split", default="test", help="part of the split to explain")
     p.add_argument("images", nargs="*", type=Path, help="NIfTI images (instead of --manifest)")
-    p.add_argument("--direction", choices=("remove", "inject", "both"), default="both")
-    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--direction", choices=("remove", "inject", "both"), default="both",
+                   help="remove: healthier; inject: more diseased")
+    p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--progression", type=int, default=0, metavar="N",
                    help="also write <id>_<direction>_progression.gif with N frames along "
-                        "x o exp(t v) (needs `fit --field velocity`)")
+                        "x o exp(t v) (needs `fit --field velocity`; 0: none)")
     _add_stream_options(p, "summary.csv")
     p.set_defaults(func=_cmd_explain)
 
-    p = sub.add_parser("saliency", help="classic saliency maps (Captum) of the run's classifier")
+    p = _command(sub, "saliency", "classic saliency maps (Captum) of the run's classifier")
     p.add_argument("--run", required=True, type=Path, help="run folder with classifier.pt")
     p.add_argument("--method", required=True,
                    help="comma-separated: gradient, gradient_x_input, integrated_gradients, "
                         "smoothgrad, guided_backprop, gradcam, occlusion; or 'all'")
-    p.add_argument("--manifest", type=Path, default=None)
-    p.add_argument("--split", default="test", help="part of the split to explain (default test)")
+    p.add_argument("--manifest", type=Path, default=None, help="images to explain (a CSV)")
+    p.add_argument("--split", default="test", help="part of the split to explain")
     p.add_argument("images", nargs="*", type=Path, help="NIfTI images (instead of --manifest)")
     p.add_argument("--occlusion-patch", type=int, default=4,
-                   help="occlusion patch edge in model-grid voxels (default 4)")
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
-    p.add_argument("--out", required=True, type=Path)
+                   help="occlusion patch edge in model-grid voxels")
+    _device_option(p)
+    p.add_argument("--out", required=True, type=Path, help="output folder")
     _add_stream_options(p, "saliency_index.csv")
     p.set_defaults(func=_cmd_saliency)
 
-    p = sub.add_parser("benchmark", help="score the simulator and saliency maps against the "
-                                         "truth of a `counterwarp synth` cohort")
+    p = _command(sub, "benchmark", "score the simulator and saliency maps against the truth "
+                                   "of a `counterwarp synth` cohort")
     p.add_argument("--data", required=True, type=Path,
                    help="cohort folder from `counterwarp synth`")
     p.add_argument("--run", required=True, type=Path,
                    help="run folder with classifier.pt, split.json and simulator.pt")
-    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--methods", default="all",
                    help="saliency baselines, comma-separated (gradient, gradient_x_input, "
                         "integrated_gradients, smoothgrad, guided_backprop, gradcam, "
-                        "occlusion), or 'all' (default); the simulator is always scored")
+                        "occlusion), or 'all'; the simulator is always scored")
     p.add_argument("--occlusion-patch", type=int, default=4,
-                   help="occlusion patch edge in model-grid voxels (default 4)")
+                   help="occlusion patch edge in model-grid voxels")
     p.add_argument("--threshold", type=float, default=0.05,
                    help="|true log volume change| above which a voxel counts as changed")
-    p.add_argument("--sigma", type=float, default=1.5, help="region-scale smoothing, voxels")
+    p.add_argument("--sigma", type=float, default=1.5,
+                   help="region-scale smoothing, in voxels")
     p.add_argument("--seed", type=int, default=0, help="seeds SmoothGrad's noise")
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
+    _device_option(p)
     p.set_defaults(func=_cmd_benchmark)
 
-    p = sub.add_parser("group", help="group maps: mean, one-sample t, FDR mask, region table")
+    p = _command(sub, "group", "group maps: mean, one-sample t, FDR mask, region table")
     p.add_argument("--run", type=Path, default=None, help="run folder (not needed with --maps)")
-    p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--direction", choices=("inject", "remove", "both"), default="inject")
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--direction", choices=("inject", "remove", "both"), default="inject",
+                   help="which simulator direction to map")
     p.add_argument("--maps", type=Path, default=None,
-                   help="folder of maps already in one space")
+                   help="folder of maps already in one space (instead of the run's simulator)")
     p.add_argument("--manifest", type=Path, default=None,
-                   help="default: the one in RUN/split.json")
-    p.add_argument("--split", default="test")
-    p.add_argument("--subjects", choices=("all", "healthy", "diseased"), default="all")
-    p.add_argument("--atlas", type=Path, default=None, help="label image (0 = no region)")
+                   help="images to map (default: the one in RUN/split.json)")
+    p.add_argument("--split", default="test", help="part of the split to map")
+    p.add_argument("--subjects", choices=("all", "healthy", "diseased"), default="all",
+                   help="which subjects enter the group maps")
+    p.add_argument("--atlas", type=Path, default=None,
+                   help="label image for the region table (0 = no region)")
     p.add_argument("--atlas-names", type=Path, default=None, help="CSV with label,name")
     p.add_argument("--mask", type=Path, default=None, help="brain mask on the maps' grid")
-    p.add_argument("--q", type=float, default=0.05, help="FDR level (default 0.05)")
+    p.add_argument("--q", type=float, default=0.05, help="false discovery rate level")
     p.set_defaults(func=_cmd_group)
 
-    p = sub.add_parser("report", help="self-contained HTML report of a run (RUN/report.html)")
-    p.add_argument("--run", required=True, type=Path)
-    p.add_argument("--out", type=Path, default=None, help="default RUN/report.html")
+    p = _command(sub, "report", "self-contained HTML report of a run (RUN/report.html)")
+    p.add_argument("--run", required=True, type=Path, help="run folder")
+    p.add_argument("--out", type=Path, default=None, help="HTML file (default: RUN/report.html)")
     p.add_argument("--explain", type=Path, default=None, help="explain folder to reuse")
     p.add_argument("--saliency", type=Path, default=None, help="saliency folder to reuse")
     p.add_argument("--benchmark", type=Path, default=None, help="results.md or its folder")
     p.add_argument("--subjects", type=int, default=4, help="held-out subjects to show")
-    p.add_argument("--no-compute", action="store_true", help="only embed what exists")
+    p.add_argument("--no-compute", action="store_true",
+                   help="only embed what exists; compute nothing missing")
     p.set_defaults(func=_cmd_report)
 
-    p = sub.add_parser("demo", help="synth -> train-classifier -> fit -> explain, embedded data")
-    p.add_argument("--out", type=Path, default=Path("runs/demo"))
+    p = _command(sub, "demo", "synth -> train-classifier -> fit -> explain -> report, on "
+                              "embedded data")
+    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="run folder")
     p.add_argument("--quick", action="store_true", help="2D, small: ends within 2 minutes")
     p.set_defaults(func=_cmd_demo)
     return parser

@@ -377,7 +377,7 @@ class GlobalBatchNorm(_BatchNorm):
 
     def _check_input_dim(self, input: torch.Tensor) -> None:  # noqa: A002 - torch's name
         if input.dim() < 2:
-            raise ValueError(f"expected at least 2D input (B, C, ...), got {input.dim()}D")
+            raise CounterwarpError(f"expected at least 2D input (B, C, ...), got {input.dim()}D")
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002
         if not (self.training and self.synchronize and current().distributed):

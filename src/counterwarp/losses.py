@@ -28,7 +28,7 @@ def _check_logits(
     logit_before: torch.Tensor, logit_after: torch.Tensor, condition: torch.Tensor
 ) -> None:
     if not (logit_before.shape == logit_after.shape == condition.shape) or logit_before.ndim != 1:
-        raise ValueError(
+        raise CounterwarpError(
             "logit_before, logit_after and condition must all have shape (B,), got "
             f"{tuple(logit_before.shape)}, {tuple(logit_after.shape)}, {tuple(condition.shape)}."
         )
@@ -99,7 +99,7 @@ def cycle_loss(
         Scalar loss (squared intensity units).
     """
     if image.shape != cycled.shape:
-        raise ValueError(
+        raise CounterwarpError(
             f"cycle_loss: shapes differ, {tuple(image.shape)} vs {tuple(cycled.shape)}."
         )
     sq = (cycled - image) ** 2
@@ -125,7 +125,7 @@ def finite_differences(displacement: torch.Tensor) -> list[torch.Tensor]:
 def _check_field(displacement: torch.Tensor, name: str) -> None:
     d = displacement.ndim - 2
     if d < 1 or displacement.shape[1] != d:
-        raise ValueError(
+        raise CounterwarpError(
             f"{name}: expected a (B, d, *S) field with d = len(S), got {tuple(displacement.shape)}."
         )
 

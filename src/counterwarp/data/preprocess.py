@@ -268,7 +268,7 @@ def restore_to_input(array: np.ndarray | torch.Tensor, loaded: LoadedVolume) -> 
         ]
         restored = np.stack(channels, axis=-1)
         return restored.reshape(*loaded.original_shape, values.shape[-1])
-    raise ValueError(
+    raise CounterwarpError(
         f"array of shape {tuple(values.shape)} is not on the model grid {model_shape} "
         "(optionally with one trailing channel axis)"
     )

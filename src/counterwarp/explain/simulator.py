@@ -19,8 +19,8 @@ from counterwarp.errors import CounterwarpError
 from counterwarp.geometry.volume import folding_fraction, log_volume_change
 from counterwarp.losses import moved_by_margin
 from counterwarp.nn.simulator import SimulatorNet
+from counterwarp.train.config import FitConfig
 from counterwarp.train.simulator import (
-    FitConfig,
     classifier_logits,
     fit_simulator,
     freeze,
@@ -82,12 +82,26 @@ def _as_image_tensor(data: Any) -> torch.Tensor:
     return images.float()
 
 
+_DEFAULT = FitConfig()  # the one home of the defaults; the signature below reads them
+
+
 class Simulator:
     """A conditional warping simulator that explains a binary image classifier.
 
+    Every keyword is a field of :class:`counterwarp.train.config.FitConfig`, with its
+    default read from there; see that class for what each setting means.
+
     Args:
-        **settings: any field of :class:`counterwarp.train.simulator.FitConfig`
-            (``field``, ``steps``, ``batch_size``, ``lr``, ``margin``, ``w_smooth`` ...).
+        field: ``"displacement"`` or ``"velocity"`` (diffeomorphic, exact inverse).
+        num_experts, routing, channels, latent_dim, norm: the network (CondConv U-Net).
+        steps, batch_size, lr, lr_schedule, weight_decay, schedule, cycle_warmup: training.
+        margin: logit margin (logit units); ``None`` derives ``margin_sd`` x sd of the
+            classifier's logits on the training images.
+        w_shift, w_cycle, w_smooth, smooth_kind, w_magnitude, w_fold: loss weights.
+        field_sigma: Gaussian smoothing of the predicted field (voxels).
+        antisymmetric: one field for both directions, remove = -inject.
+        precision: ``"fp32"`` or ``"bf16"`` (autocast forward passes).
+        checkpoint_every, seed: checkpoints every N steps; random seed.
 
     Example:
         >>> sim = Simulator(steps=400).fit(classifier, train_images)
@@ -95,8 +109,42 @@ class Simulator:
         >>> explanation.log_volume_change.shape  # (B, *S)
     """
 
-    def __init__(self, **settings: Any) -> None:
-        self.config = FitConfig.from_dict(settings)
+    def __init__(
+        self,
+        *,
+        field: str = _DEFAULT.field,
+        num_experts: int = _DEFAULT.num_experts,
+        routing: str = _DEFAULT.routing,
+        channels: tuple[int, ...] = _DEFAULT.channels,
+        latent_dim: int = _DEFAULT.latent_dim,
+        steps: int = _DEFAULT.steps,
+        batch_size: int = _DEFAULT.batch_size,
+        lr: float = _DEFAULT.lr,
+        lr_schedule: str = _DEFAULT.lr_schedule,
+        weight_decay: float = _DEFAULT.weight_decay,
+        schedule: str = _DEFAULT.schedule,
+        cycle_warmup: int = _DEFAULT.cycle_warmup,
+        margin: float | None = _DEFAULT.margin,
+        margin_sd: float = _DEFAULT.margin_sd,
+        w_shift: float = _DEFAULT.w_shift,
+        w_cycle: float = _DEFAULT.w_cycle,
+        w_smooth: float = _DEFAULT.w_smooth,
+        smooth_kind: str = _DEFAULT.smooth_kind,
+        w_magnitude: float = _DEFAULT.w_magnitude,
+        w_fold: float = _DEFAULT.w_fold,
+        field_sigma: float = _DEFAULT.field_sigma,
+        norm: str = _DEFAULT.norm,
+        antisymmetric: bool = _DEFAULT.antisymmetric,
+        precision: str = _DEFAULT.precision,
+        checkpoint_every: int = _DEFAULT.checkpoint_every,
+        seed: int = _DEFAULT.seed,
+        **unknown: Any,
+    ) -> None:
+        settings = {
+            name: value for name, value in locals().items()
+            if name not in ("self", "unknown", "__class__")
+        }
+        self.config = FitConfig.from_dict({**settings, **unknown})
         self.net_: SimulatorNet | None = None
         self.classifier_: nn.Module | None = None
         self.margin_: float | None = None

@@ -55,10 +55,12 @@ def _fresh_reference_grid(layer: Warp, like: torch.Tensor) -> None:
 def _check_field(image: torch.Tensor, displacement: torch.Tensor) -> None:
     d = image.ndim - 2
     if d not in (2, 3):
-        raise ValueError(f"warp: image must be (B, C, H, W) or (B, C, D, H, W), got {image.shape}.")
+        raise CounterwarpError(
+            f"warp: image must be (B, C, H, W) or (B, C, D, H, W), got {tuple(image.shape)}."
+        )
     expected = (image.shape[0], d, *image.shape[2:])
     if tuple(displacement.shape) != expected:
-        raise ValueError(
+        raise CounterwarpError(
             f"warp: displacement must have shape {expected} for an image of shape "
             f"{tuple(image.shape)}, got {tuple(displacement.shape)}."
         )

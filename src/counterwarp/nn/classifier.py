@@ -170,7 +170,7 @@ class Classifier(nn.Module):
         """``(B, 1, *input_shape)`` images -> ``(B,)`` logits."""
         expected = (1, *self.input_shape)
         if images.dim() != self.dim + 2 or tuple(images.shape[1:]) != expected:
-            raise ValueError(
+            raise CounterwarpError(
                 f"classifier expects (B, {', '.join(str(n) for n in expected)}) images, "
                 f"got {tuple(images.shape)}"
             )
@@ -184,7 +184,7 @@ def last_conv_layer(model: nn.Module) -> nn.Module:
         if isinstance(module, (nn.Conv2d, nn.Conv3d)):
             last = module
     if last is None:
-        raise ValueError(f"{type(model).__name__} has no Conv2d / Conv3d layer")
+        raise CounterwarpError(f"{type(model).__name__} has no Conv2d / Conv3d layer")
     return last
 
 
@@ -200,11 +200,11 @@ def save_classifier(
     extra = dict(extra or {})
     clashing = sorted(set(extra) & {"format", "version", "config", "state_dict"})
     if clashing:
-        raise ValueError(f"extra keys {clashing} are reserved in a classifier checkpoint")
+        raise CounterwarpError(f"extra keys {clashing} are reserved in a classifier checkpoint")
     try:
         json.dumps(extra)
     except (TypeError, ValueError) as error:
-        raise ValueError(f"checkpoint extra must be JSON-able: {error}") from error
+        raise CounterwarpError(f"checkpoint extra must be JSON-able: {error}") from error
     state_dict = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
     payload = {
         "format": CHECKPOINT_FORMAT,

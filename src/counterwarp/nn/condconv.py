@@ -153,7 +153,7 @@ class CondConv(nn.Module):
         if c.ndim == 1 and self.cond_dim == 1:
             c = c[:, None]
         if c.shape != (x.shape[0], self.cond_dim):
-            raise ValueError(
+            raise CounterwarpError(
                 f"CondConv: condition must have shape ({x.shape[0]},) or "
                 f"({x.shape[0]}, {self.cond_dim}), got {tuple(c.shape)}."
             )
@@ -170,7 +170,7 @@ class CondConv(nn.Module):
             ``(B, C_out, *S)``.
         """
         if x.ndim != self.dim + 2 or x.shape[1] != self.in_channels:
-            raise ValueError(
+            raise CounterwarpError(
                 f"CondConv: expected input (B, {self.in_channels}, {self.dim} spatial dims), "
                 f"got {tuple(x.shape)}."
             )

@@ -29,6 +29,7 @@ applied a second time to the simulated images in the cycle; that is intended.
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any, Literal
 
@@ -336,7 +337,9 @@ class SimulatorNet(nn.Module):
         if c.ndim == 0:
             c = c.expand(x.shape[0])
         if c.shape != (x.shape[0],):
-            raise ValueError(f"condition must have shape ({x.shape[0]},), got {tuple(c.shape)}.")
+            raise CounterwarpError(
+                f"condition must have shape ({x.shape[0]},), got {tuple(c.shape)}."
+            )
         direction = c
         if self._cfg["antisymmetric"]:
             c = torch.ones_like(c)
@@ -380,19 +383,15 @@ class SimulatorNet(nn.Module):
         return integrate_velocity(raw_field, steps), integrate_velocity(-raw_field, steps)
 
 
-_DEFAULTS: dict[str, Any] = {
-    "field": "displacement",
-    "channels": [16, 32, 64, 16, 16],
-    "latent_dim": 512,
-    "num_experts": 3,
-    "routing": "features+condition",
-    "integration_steps": 7,
-    "max_displacement": None,
-    "routing_dropout": 0.1,
-    "smoothing_sigma": 0.0,
-    "norm": "batch",
-    "antisymmetric": False,
-}
+def _constructor_defaults() -> dict[str, Any]:
+    """The keyword defaults of :class:`SimulatorNet` (the paper's reference network)."""
+    parameters = inspect.signature(SimulatorNet.__init__).parameters
+    return {
+        name: p.default for name, p in parameters.items() if name not in ("self", "input_shape")
+    }
+
+
+_DEFAULTS: dict[str, Any] = _constructor_defaults()
 
 
 def gaussian_smooth(field: torch.Tensor, sigma: float) -> torch.Tensor:

@@ -19,13 +19,30 @@ from counterwarp.errors import CounterwarpError
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
 
 
+#: The allowed values of every :class:`FitConfig` setting that takes a name.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "field": ("displacement", "velocity"),
+    "routing": ("features+condition", "condition"),
+    "schedule": ("joint", "alternating"),
+    "smooth_kind": ("l1", "l2", "bending"),
+    "norm": ("batch", "group"),
+    "lr_schedule": ("constant", "cosine"),
+    "precision": PRECISIONS,
+}
+
+
 @dataclass
 class FitConfig:
     """Settings of one simulator fit (JSON-able; stored in the checkpoints).
 
-    Weights and defaults were chosen by measurement on the synthetic cohort (see README).
-    ``margin`` in logit units; ``None`` derives it as ``margin_sd`` times the standard
-    deviation of the classifier's logits on the training images.
+    Weights and defaults were chosen by measurement on the synthetic cohort (the measured
+    alternatives are in docs/benchmarks.md). ``margin`` in logit units; ``None`` derives it
+    as ``margin_sd`` times the standard deviation of the classifier's logits on the training
+    images. The network settings (``field``, ``num_experts``, ``routing``, ``channels``,
+    ``latent_dim``, ``norm``) equal the paper's reference network, the defaults of
+    :class:`counterwarp.nn.simulator.SimulatorNet`; two product defaults differ from it on
+    purpose: ``antisymmetric=True`` (one field, remove = -inject) and ``field_sigma=1``
+    voxel of smoothing (the network's ``smoothing_sigma`` defaults to 0).
     """
 
     field: str = "displacement"
@@ -57,16 +74,7 @@ class FitConfig:
 
     def validate(self) -> None:
         """Raise :class:`CounterwarpError` naming the first invalid setting."""
-        choices = {
-            "field": ("displacement", "velocity"),
-            "routing": ("features+condition", "condition"),
-            "schedule": ("joint", "alternating"),
-            "smooth_kind": ("l1", "l2", "bending"),
-            "norm": ("batch", "group"),
-            "lr_schedule": ("constant", "cosine"),
-            "precision": PRECISIONS,
-        }
-        for name, allowed in choices.items():
+        for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise CounterwarpError(
                     f"{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}"
