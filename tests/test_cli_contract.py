@@ -12,10 +12,10 @@ import shlex
 import pytest
 
 import counterwarp
-from counterwarp.cli import EXAMPLES, FIT_OPTIONS, _fit_settings, build_parser, main
+from counterwarp.cli import EXAMPLES, _fit_settings, build_parser, main
 from counterwarp.explain.simulator import Simulator
 from counterwarp.nn.simulator import SimulatorNet
-from counterwarp.train.config import FitConfig
+from counterwarp.train.config import SETTING_HELP, FitConfig
 
 
 def _subparsers() -> dict[str, argparse.ArgumentParser]:
@@ -58,10 +58,10 @@ def test_version_prints_the_package_version(capsys):
 
 def test_fit_options_are_fitconfig_fields_with_its_defaults_shown():
     fields = {f.name for f in dataclasses.fields(FitConfig)}
-    assert set(FIT_OPTIONS) <= fields
+    assert set(SETTING_HELP) <= fields
     defaults = FitConfig()
     fit = " ".join(_subparsers()["fit"].format_help().split())
-    for name in FIT_OPTIONS:
+    for name in SETTING_HELP:
         default = getattr(defaults, name)
         if default is not None:
             assert f"(default: {default})" in fit, name

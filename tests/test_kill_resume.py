@@ -1,5 +1,5 @@
 """Faults during ``fit``: SIGKILL at random moments, a kill inside a checkpoint save, a NaN
-loss, and a second process writing the same run folder (issue 5).
+loss, and a second process writing the same run folder.
 
 The kills are real: ``fit`` runs in a subprocess (a tiny driver script calling
 :func:`counterwarp.workflows.fit.fit_run` with ``resume=True``, because the tiny network's

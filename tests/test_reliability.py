@@ -1,4 +1,4 @@
-"""Bad inputs, tried systematically on every entry point; untrusted files (issue 5).
+"""Bad inputs, tried systematically on every entry point; untrusted files.
 
 Each case of :data:`CLI_CASES` feeds one thing users get wrong to one command through
 ``counterwarp.cli.main([...])`` and checks what the user sees and what is left on disk:

@@ -59,45 +59,17 @@ def _cmd_train_classifier(args: argparse.Namespace) -> None:
     print(f"wrote {Path(args.out) / 'classifier.pt'}, classifier_metrics.json, split.json")
 
 
-#: The ``fit`` options: FitConfig field -> help text. Types, choices and shown defaults come
-#: from :class:`counterwarp.train.config.FitConfig`, the one home of the defaults.
-FIT_OPTIONS: dict[str, str] = {
-    "field": "displacement field (the paper's) or diffeomorphic velocity field",
-    "steps": "training steps",
-    "batch_size": "images per step (both directions in every batch)",
-    "lr": "Adam learning rate",
-    "lr_schedule": "learning rate over the steps (cosine: decays to 0 at the last step)",
-    "schedule": "joint: one optimiser on all losses; alternating: the paper's two optimisers",
-    "margin": "logit margin of the shift loss, in logit units "
-              "(default: --margin-sd x sd of the training logits)",
-    "margin_sd": "the derived margin, in standard deviations of the training logits",
-    "w_cycle": "weight of the cycle loss (inject then remove returns the image)",
-    "w_smooth": "weight of the field smoothness loss",
-    "smooth_kind": "smoothness penalty on the field's gradients",
-    "w_magnitude": "weight of the field magnitude loss",
-    "w_fold": "weight of the penalty on near-singular / folded voxels (det < 0.25)",
-    "num_experts": "expert kernels per conditional convolution",
-    "routing": "what the conditional convolutions route on",
-    "antisymmetric": "one disease field g(x) for both directions (remove = -inject); "
-                     "--no-antisymmetric gives the paper's fully conditional simulator",
-    "field_sigma": "Gaussian smoothing of the predicted field, in voxels",
-    "precision": "bf16: forward passes under bfloat16 autocast (GPUs, and CPUs with "
-                 "AMX/AVX512-BF16); fields, warps and weights stay float32",
-    "checkpoint_every": "write a resumable checkpoint every N steps",
-    "seed": "random seed of the fit",
-}
-
-
 def _add_fit_options(p: argparse.ArgumentParser) -> None:
-    """One option per :data:`FIT_OPTIONS` entry, typed and documented from FitConfig.
+    """One option per setting of :data:`~counterwarp.train.config.SETTING_HELP`, typed,
+    documented and with its default shown from FitConfig.
 
     The parsed default is None (only the options given reach :func:`_fit_settings`, the
     rest take FitConfig's defaults); the help shows FitConfig's default.
     """
-    from counterwarp.train.config import CHOICES, FitConfig
+    from counterwarp.train.config import CHOICES, SETTING_HELP, FitConfig
 
     defaults = FitConfig()
-    for name, text in FIT_OPTIONS.items():
+    for name, text in SETTING_HELP.items():
         flag = "--" + name.replace("_", "-")
         default = getattr(defaults, name)
         shown = "" if default is None else f" (default: {default})"
@@ -112,7 +84,11 @@ def _add_fit_options(p: argparse.ArgumentParser) -> None:
 
 def _fit_settings(args: argparse.Namespace) -> dict:
     """The ``fit`` options given on the command line, as FitConfig settings."""
-    return {name: getattr(args, name) for name in FIT_OPTIONS if getattr(args, name) is not None}
+    from counterwarp.train.config import SETTING_HELP
+
+    return {
+        name: getattr(args, name) for name in SETTING_HELP if getattr(args, name) is not None
+    }
 
 
 def _cmd_fit(args: argparse.Namespace) -> None:

@@ -31,6 +31,35 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
+#: What each setting a user may change on the command line (``counterwarp fit --NAME``)
+#: means; the CLI's types, choices and shown defaults come from :class:`FitConfig`.
+SETTING_HELP: dict[str, str] = {
+    "field": "displacement field (the paper's) or diffeomorphic velocity field",
+    "steps": "training steps",
+    "batch_size": "images per step (both directions in every batch)",
+    "lr": "Adam learning rate",
+    "lr_schedule": "learning rate over the steps (cosine: decays to 0 at the last step)",
+    "schedule": "joint: one optimiser on all losses; alternating: the paper's two optimisers",
+    "margin": "logit margin of the shift loss, in logit units "
+              "(default: --margin-sd x sd of the training logits)",
+    "margin_sd": "the derived margin, in standard deviations of the training logits",
+    "w_cycle": "weight of the cycle loss (inject then remove returns the image)",
+    "w_smooth": "weight of the field smoothness loss",
+    "smooth_kind": "smoothness penalty on the field's gradients",
+    "w_magnitude": "weight of the field magnitude loss",
+    "w_fold": "weight of the penalty on near-singular / folded voxels (det < 0.25)",
+    "num_experts": "expert kernels per conditional convolution",
+    "routing": "what the conditional convolutions route on",
+    "antisymmetric": "one disease field g(x) for both directions (remove = -inject); "
+                     "--no-antisymmetric gives the paper's fully conditional simulator",
+    "field_sigma": "Gaussian smoothing of the predicted field, in voxels",
+    "precision": "bf16: forward passes under bfloat16 autocast (GPUs, and CPUs with "
+                 "AMX/AVX512-BF16); fields, warps and weights stay float32",
+    "checkpoint_every": "write a resumable checkpoint every N steps",
+    "seed": "random seed of the fit",
+}
+
+
 @dataclass
 class FitConfig:
     """Settings of one simulator fit (JSON-able; stored in the checkpoints).
