@@ -1,5 +1,5 @@
-"""Ablations of the simulator (issue 4, part 3): which design choices make it work, and how
-reliably, over several seeds.
+"""Ablations of the simulator: which design choices make it work, and how reliably, over
+several seeds.
 
 One classifier (trained once, or taken from ``--run``) is explained by simulators that differ
 from the default (one CondConv U-Net predicting one antisymmetric displacement field, cycle
@@ -19,11 +19,11 @@ loss on) in one choice each:
                  condition, inject warps with g and remove with -g
 
 Every configuration is fitted with each seed on the classifier's train+val images and
-evaluated on its held-out test images (``counterwarp.workflows.benchmark``): share moved past the
-margin, flips, mean logit shifts, relative cycle error, folding share, mean |grad u|, and
-agreement with the known truth (group Pearson of the negated "remove" maps vs the effect,
-voxel-wise and smoothed; subject median Pearson; the issue-3 metric, mean "inject" over
-healthy subjects vs the effect). A run *fails* when fewer than half of the held-out images
+evaluated on its held-out test images (``counterwarp.workflows.benchmark``): share moved past
+the margin, flips, mean logit shifts, relative cycle error, folding share, mean |grad u|,
+and agreement with the known truth (group Pearson of the negated "remove" maps vs the
+effect, voxel-wise and smoothed; subject median Pearson; mean "inject" over healthy
+subjects vs the effect). A run *fails* when fewer than half of the held-out images
 move past the margin in their asked direction, or when more than 0.5 % of voxels fold
 (mean over images and directions).
 
