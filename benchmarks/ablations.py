@@ -61,16 +61,14 @@ import numpy as np
 import torch
 
 from counterwarp._io import write_json_atomic, write_text_atomic
+from counterwarp.data.truth import load_cohort_truth
 from counterwarp.errors import CounterwarpError
-from counterwarp.explain.assess import explain_in_batches
+from counterwarp.explain.assess import explain_in_batches, simulator_metrics
 from counterwarp.explain.simulator import Simulator
-from counterwarp.train.simulator import FitConfig, fit_simulator
-from counterwarp.workflows.benchmark import (
-    TwoSimulators,
-    load_cohort_truth,
-    score_methods,
-    simulator_metrics,
-)
+from counterwarp.nn.two_simulators import TwoSimulators
+from counterwarp.stats.benchmark_scores import score_methods
+from counterwarp.train.config import FitConfig
+from counterwarp.train.simulator import fit_simulator
 from counterwarp.workflows.folder import (
     load_images,
     load_run_classifier,

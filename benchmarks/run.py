@@ -362,7 +362,8 @@ def _make_simulator(case: Case, device: Any) -> Any:
     import torch
     from loop_condconv import bound_simulator, loop_simulator, with_impl
 
-    from counterwarp.train.simulator import FitConfig, build_net
+    from counterwarp.train.config import FitConfig
+    from counterwarp.train.simulator import build_net
 
     torch.manual_seed(0)
     net = build_net(FitConfig(), case.shape)  # the network `counterwarp fit` trains by default
@@ -395,15 +396,10 @@ def _setup_train(case: Case, device: Any) -> Callable[[], None]:
     """Build net, frozen classifier, data and optimiser; return one training step."""
     import torch
 
-    from counterwarp.nn.classifier import Classifier
-    from counterwarp.train.simulator import (
-        FitConfig,
-        _LossTerms,
-        _train_step,
-        classifier_logits,
-        freeze,
-        to_training_layout,
-    )
+    from counterwarp.nn.classifier import Classifier, classifier_logits, freeze
+    from counterwarp.train.config import FitConfig
+    from counterwarp.train.simulator import to_training_layout
+    from counterwarp.train.steps import LossTerms, train_step
 
     # joint schedule, the product's default; bf16 through fit's own precision setting
     config = FitConfig(
@@ -430,12 +426,12 @@ def _setup_train(case: Case, device: Any) -> Callable[[], None]:
         net.compile()
         classifier.compile()
     optimiser = torch.optim.Adam(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    terms = _LossTerms(net, classifier, config, MARGIN)
+    terms = LossTerms(net, classifier, config, MARGIN)
     net.train()
     counter = iter(range(10**9))
 
     def step() -> None:
-        _train_step(terms, config, optimiser, None, images, condition, logit_before, next(counter))
+        train_step(terms, config, optimiser, None, images, condition, logit_before, next(counter))
 
     return step
 
@@ -449,8 +445,7 @@ def _setup_explain(case: Case, device: Any) -> Callable[[], None]:
     import torch
 
     from counterwarp.explain.simulator import Simulator
-    from counterwarp.nn.classifier import Classifier
-    from counterwarp.train.simulator import freeze
+    from counterwarp.nn.classifier import Classifier, freeze
 
     net = _make_simulator(case, device)
     torch.manual_seed(1)

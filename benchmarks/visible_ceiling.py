@@ -80,7 +80,7 @@ def visible_ceiling(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from counterwarp.workflows.benchmark import load_cohort_truth
+    from counterwarp.data.truth import load_cohort_truth
     from counterwarp.workflows.folder import (
         load_images,
         load_run_simulator,

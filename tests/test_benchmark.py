@@ -15,15 +15,10 @@ import torch
 from counterwarp.data.synthetic import synth
 from counterwarp.errors import CounterwarpError
 from counterwarp.explain.saliency import SALIENCY_METHODS
+from counterwarp.nn.two_simulators import TwoSimulators
+from counterwarp.stats.benchmark_scores import SIMULATOR_METHODS, score_methods, summary_table
 from counterwarp.train.classifier import train_classifier
-from counterwarp.workflows.benchmark import (
-    SIMULATOR_METHODS,
-    TwoSimulators,
-    methods_figure,
-    run_benchmark,
-    score_methods,
-    summary_table,
-)
+from counterwarp.workflows.benchmark import methods_figure, run_benchmark
 from counterwarp.workflows.fit import fit_run
 
 TINY_FIT = {"steps": 3, "batch_size": 4, "channels": (4, 8, 8), "latent_dim": 16,
@@ -124,7 +119,7 @@ def test_run_benchmark_writes_all_outputs(cohort_and_run, tmp_path):
     for key in ("moved_share", "remove_flips", "mean_logit_shift_inject",
                 "cycle_error_relative", "folding_share_mean", "mean_abs_grad_u"):
         assert key in payload["simulator"], key
-    assert {"pearson_voxel", "pearson_region"} <= set(payload["issue3_inject_healthy"])
+    assert {"pearson_voxel", "pearson_region"} <= set(payload["inject_vs_truth_healthy"])
 
     with open(out / "results.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
@@ -151,7 +146,7 @@ def test_region_sensitivity_finds_the_region_a_classifier_reads(cohort_and_run):
     ventricle effect moves its logit the right way, the hippocampi's does not move it."""
     import nibabel as nib
 
-    from counterwarp.workflows.benchmark import classifier_region_sensitivity
+    from counterwarp.explain.sensitivity import classifier_region_sensitivity
     from counterwarp.workflows.folder import load_images, rows_in_split
 
     cohort, run = cohort_and_run

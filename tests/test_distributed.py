@@ -73,7 +73,9 @@ from counterwarp import distributed
 from counterwarp.cli import main
 from counterwarp.errors import CounterwarpError
 from counterwarp.nn.simulator import SimulatorNet
-from counterwarp.train.simulator import CHECKPOINT_NAME, LOG_NAME, FitConfig, fit_simulator
+from counterwarp.train.checkpoint import CHECKPOINT_NAME, LOG_NAME
+from counterwarp.train.config import FitConfig
+from counterwarp.train.simulator import fit_simulator
 from distributed_worker import switch_off_dropout
 from test_fit import TINY, BlobScorer, blob_images
 

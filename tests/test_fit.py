@@ -10,13 +10,9 @@ from torch import nn
 
 from counterwarp.errors import CounterwarpError
 from counterwarp.explain.simulator import Simulator
-from counterwarp.train.simulator import (
-    CHECKPOINT_NAME,
-    LOG_NAME,
-    FitConfig,
-    FitResult,
-    fit_simulator,
-)
+from counterwarp.train.checkpoint import CHECKPOINT_NAME, LOG_NAME
+from counterwarp.train.config import FitConfig
+from counterwarp.train.simulator import FitResult, fit_simulator
 
 SHAPE = (32, 32)
 
@@ -146,7 +142,7 @@ def test_fold_and_antisymmetric_settings_are_validated_and_wired():
     with pytest.raises(CounterwarpError, match="antisymmetric"):
         Simulator(antisymmetric=1)
     from counterwarp.losses import folding_penalty
-    from counterwarp.train.simulator import _LossTerms
+    from counterwarp.train.steps import LossTerms as _LossTerms
 
     mirror = torch.zeros(1, 2, *SHAPE)
     mirror[:, 0] = -2.0 * torch.arange(SHAPE[0], dtype=torch.float32)[:, None]  # det -1
@@ -194,7 +190,7 @@ def test_cosine_learning_rate_decays_and_is_logged():
 def test_bf16_precision_runs_the_networks_in_bf16_and_keeps_fields_float32():
     from counterwarp.cli import _fit_settings, build_parser
     from counterwarp.nn.classifier import Classifier
-    from counterwarp.train.simulator import _LossTerms
+    from counterwarp.train.steps import LossTerms as _LossTerms
 
     with pytest.raises(CounterwarpError, match="precision"):
         Simulator(precision="fp16")

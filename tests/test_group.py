@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from counterwarp.data.maps import load_map_folder, read_atlas_names
 from counterwarp.errors import CounterwarpError
 from counterwarp.explain.progression import (
     progression_frames,
@@ -22,13 +23,8 @@ from counterwarp.explain.progression import (
 )
 from counterwarp.explain.simulator import Simulator
 from counterwarp.nn.simulator import SimulatorNet
-from counterwarp.workflows.group import (
-    fdr_mask,
-    group_run,
-    group_statistics,
-    load_map_folder,
-    read_atlas_names,
-)
+from counterwarp.stats.group import fdr_mask, group_statistics
+from counterwarp.workflows.group import group_run
 
 SHAPE = (16, 16, 16)
 AFFINE = np.diag([4.0, 4.0, 4.0, 1.0])

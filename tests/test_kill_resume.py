@@ -30,14 +30,10 @@ from counterwarp._io import LOCK_NAME, folder_lock
 from counterwarp.cli import main
 from counterwarp.data.synthetic import synth
 from counterwarp.errors import CounterwarpError
+from counterwarp.train.checkpoint import CHECKPOINT_NAME, LOG_NAME, load_checkpoint
 from counterwarp.train.classifier import train_classifier
-from counterwarp.train.simulator import (
-    CHECKPOINT_NAME,
-    LOG_NAME,
-    FitConfig,
-    fit_simulator,
-    load_checkpoint,
-)
+from counterwarp.train.config import FitConfig
+from counterwarp.train.simulator import fit_simulator
 from counterwarp.workflows.fit import fit_run
 
 STEPS = 30
@@ -79,7 +75,7 @@ if mode == "save":
     torch.save = slow_save
 elif mode == "log":
     # Hang at the n-th log write: the checkpoint of that step is saved, its log row is not.
-    real_write_log = training._write_log
+    real_write_log = training.write_log
 
     def slow_write_log(*args, **kwargs):
         calls[0] += 1
@@ -88,7 +84,7 @@ elif mode == "log":
         (signals / "in_log").write_text("")
         time.sleep(300)
 
-    training._write_log = slow_write_log
+    training.write_log = slow_write_log
 fit_run(manifest, run, resume=True, progress=False, **SETTINGS)
 print("finished", flush=True)
 """

@@ -40,8 +40,8 @@ from counterwarp.data.synthetic import synth
 from counterwarp.errors import CounterwarpError
 from counterwarp.explain.simulator import Simulator
 from counterwarp.nn.classifier import Classifier, load_classifier
+from counterwarp.train.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from counterwarp.train.classifier import train_classifier
-from counterwarp.train.simulator import CHECKPOINT_NAME, load_checkpoint
 from counterwarp.workflows.fit import fit_run
 
 TINY_FIT = {"steps": 2, "batch_size": 4, "channels": (4, 8, 8), "latent_dim": 16,

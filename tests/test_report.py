@@ -14,8 +14,9 @@ import pytest
 from PIL import Image
 
 from counterwarp.cli import main
-from counterwarp.report.html import markdown_to_html, report_run
+from counterwarp.report.markup import markdown_to_html
 from counterwarp.workflows.fit import fit_run
+from counterwarp.workflows.report import report_run
 
 TINY_FIT = {"steps": 4, "batch_size": 4, "channels": (4, 8, 8), "latent_dim": 16,
             "checkpoint_every": 2, "field": "velocity"}

@@ -10,12 +10,9 @@ import torch
 from torch import nn
 
 from counterwarp.errors import CounterwarpError
-from counterwarp.explain.saliency import (
-    SALIENCY_METHODS,
-    find_last_conv,
-    saliency_map,
-    saliency_panel,
-)
+from counterwarp.explain.saliency import SALIENCY_METHODS, saliency_map
+from counterwarp.nn.classifier import last_conv_layer as find_last_conv
+from counterwarp.report.figures import saliency_panel
 
 FAST = {"ig_steps": 8, "smoothgrad_samples": 4}
 

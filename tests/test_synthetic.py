@@ -11,17 +11,17 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from counterwarp.data import effects as E
 from counterwarp.data import synthetic as S
-from counterwarp.data.synthetic import (
-    CORONAL_SLICE_Y_MM,
+from counterwarp.data.effects import (
     EffectRegion,
     EffectSpec,
     default_effect_spec,
     effect_deformation,
-    make_grid,
     region_label_map,
-    synth,
 )
+from counterwarp.data.synthetic import synth
+from counterwarp.data.template import CORONAL_SLICE_Y_MM, make_grid
 from counterwarp.errors import CounterwarpError
 
 VENTRICLES = (1, 2)
@@ -96,11 +96,11 @@ def test_truth_of_a_scaled_sphere(s: float) -> None:
     analytic = (1.0 / s - 1.0) * (grid.voxel_coordinates() - centre)
     np.testing.assert_allclose(displacement[:, inside], analytic[:, inside], atol=0.02)
 
-    far = r >= S.TAPER_OUTER + 0.3
+    far = r >= E.TAPER_OUTER + 0.3
     assert far.sum() > 100
     np.testing.assert_allclose(truth[far], 0.0, atol=1e-6)
     # the surrounding tissue absorbs the change with the opposite sign
-    shell = (r > 1.2) & (r < S.TAPER_OUTER)
+    shell = (r > 1.2) & (r < E.TAPER_OUTER)
     assert np.sign(truth[shell].mean()) == -np.sign(math.log(s))
 
 
@@ -128,7 +128,7 @@ def test_integrate_velocity_matches_monai_dvf2ddf() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ref = DVF2DDF(num_steps=7, padding_mode="border")(torch.from_numpy(velocity)[None])
-    np.testing.assert_allclose(S.integrate_velocity(velocity), ref[0].numpy(), atol=1e-10)
+    np.testing.assert_allclose(E.integrate_velocity_array(velocity), ref[0].numpy(), atol=1e-10)
 
 
 def test_truth_is_transported_into_subject_space(

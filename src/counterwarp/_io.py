@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 
 @contextlib.contextmanager
@@ -43,6 +46,20 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return Path(path)
+
+
+def json_safe(value: Any) -> Any:
+    """A copy of ``value`` that strict JSON accepts, recursively: non-finite floats become
+    None, numpy scalars Python numbers, mappings dicts with string keys, tuples lists."""
+    if isinstance(value, Mapping):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(float(value)) else None
+    if isinstance(value, (np.integer, np.bool_)):
+        return value.item()
+    return value
 
 
 def write_json_atomic(path: str | os.PathLike[str], payload: Any) -> Path:

@@ -171,7 +171,7 @@ def _cmd_group(args: argparse.Namespace) -> None:
 
 
 def _cmd_report(args: argparse.Namespace) -> None:
-    from counterwarp.report.html import report_run
+    from counterwarp.workflows.report import report_run
 
     path = report_run(
         args.run, args.out, explain_dir=args.explain, saliency_dir=args.saliency,

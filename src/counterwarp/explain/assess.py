@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from counterwarp.explain.simulator import Explanation, Simulator
+from counterwarp.losses import mean_abs_gradient
 from counterwarp.stats.scores import pearson, smooth
 
 
@@ -89,4 +90,49 @@ def assess_simulator(
             result["inject_truth_pearson_region"] = pearson(
                 smooth(mean_change, sigma), smooth(truth_effect, sigma), mask
             )
+    return result
+
+
+def simulator_metrics(
+    simulator: Simulator,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    effect: np.ndarray,
+    template_mask: np.ndarray,
+    sigma: float = 1.5,
+    batch_size: int = 16,
+) -> dict[str, Any]:
+    """How the simulator behaves on ``images`` (N, 1, *S): assess_simulator + mean |grad u|.
+
+    Returns the dict of :func:`assess_simulator` (shares moved by the margin, flips, mean
+    logit shifts, folding, relative cycle error, and the agreement of the mean "inject" map
+    of the healthy images with the true effect, ``inject_truth_pearson_voxel`` / ``_region``)
+    plus ``mean_abs_grad_u_remove``, ``mean_abs_grad_u_inject`` and ``mean_abs_grad_u``
+    (their mean; voxels per voxel) and ``moved_share`` (pooled share of images moved by the
+    margin in their asked direction: remove for those the classifier calls diseased, inject
+    for the others).
+    """
+    result = assess_simulator(
+        simulator, images, labels, truth_effect=effect, brain_mask=template_mask, sigma=sigma
+    )
+    for direction in ("remove", "inject"):
+        grads = [
+            float(mean_abs_gradient(
+                explain_in_batches(simulator, images[i : i + batch_size], direction).displacement
+            )) * min(batch_size, images.shape[0] - i)
+            for i in range(0, images.shape[0], batch_size)
+        ]
+        result[f"mean_abs_grad_u_{direction}"] = sum(grads) / images.shape[0]
+    result["mean_abs_grad_u"] = (
+        result["mean_abs_grad_u_remove"] + result["mean_abs_grad_u_inject"]
+    ) / 2
+    moved, counted = 0.0, 0
+    for share, count in (
+        (result["remove_moved_share"], result["n_predicted_diseased"]),
+        (result["inject_moved_share"], result["n_predicted_healthy"]),
+    ):
+        if share is not None:
+            moved += share * count
+            counted += count
+    result["moved_share"] = moved / counted if counted else None
     return result

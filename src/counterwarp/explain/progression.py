@@ -22,11 +22,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from counterwarp._io import atomic_path
 from counterwarp.errors import CounterwarpError
-from counterwarp.explain.simulator import DIRECTIONS, Simulator
+from counterwarp.explain.simulator import Simulator
 from counterwarp.geometry.volume import log_volume_change
 from counterwarp.geometry.warp import integrate_velocity, warp
+from counterwarp.nn.simulator import DIRECTIONS
 
 __all__ = [
     "check_progression_supported",
@@ -129,100 +129,32 @@ def write_progression_gif(
     frames: np.ndarray,
     changes: np.ndarray,
     *,
+    affine: np.ndarray | None = None,
     title: str = "",
     frame_ms: int = 200,
     hold_last_ms: int = 1000,
-    dpi: int = 80,
+    dpi: int = 70,
 ) -> Path:
-    """Write an animated GIF: each frame's image beside its volume change over the input.
+    """Write an animated GIF: each frame's image and its volume change over the input.
+
+    Drawn by :func:`counterwarp.report.figures.progression_gif`, cut and coloured like the
+    subject's panels.
 
     Args:
         path: output ``.gif``, written atomically.
-        frames: ``(N, *S)`` images along the path (2D ``(X, Z)`` or 3D ``(X, Y, Z)`` in RAS
-            voxel order; 3D shows sagittal, coronal and axial slices through the strongest
-            final change).
-        changes: ``(N, *S)`` natural-log volume change per frame, shown in percent
-            (``100 (exp(x) - 1)``) on one symmetric colour scale for all frames.
-        title: text above every frame (``t`` is added).
-        frame_ms: display time per frame (ms); the last frame is held ``hold_last_ms``.
-        dpi: resolution.
+        frames: ``(N, *S)`` images along the path (``frames[0]`` = the input).
+        changes: ``(N, *S)`` natural-log volume change per frame, in the input's space.
+        affine: ``(4, 4)`` voxel-to-world matrix of the model grid (mm).
+        title, frame_ms, hold_last_ms, dpi: as :func:`~counterwarp.report.figures.
+            progression_gif`.
 
     Returns:
         The written path. The GIF has exactly N frames and loops forever.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from PIL import Image
+    from counterwarp.report.figures import progression_gif
 
-    from counterwarp.report.figures import (
-        VIEW_NAMES,
-        orthogonal_slices,
-        percent_volume_change,
-        strongest_point,
-        symmetric_limit,
-    )
-
-    frames = np.asarray(frames, dtype=np.float64)
-    changes = np.asarray(changes, dtype=np.float64)
-    if frames.shape != changes.shape or frames.ndim not in (3, 4) or frames.shape[0] < 1:
-        raise CounterwarpError(
-            f"frames and changes must both be (N, *S) with 2 or 3 spatial dims, got "
-            f"{frames.shape} and {changes.shape}"
-        )
-    n = frames.shape[0]
-    percent = percent_volume_change(changes)
-    point = strongest_point(changes[-1])
-    limit = symmetric_limit(percent[-1])
-    brain = frames[0] != 0
-    inside = frames[0][brain] if brain.any() else frames[0].ravel()
-    gray = (float(np.percentile(inside, 1)), float(np.percentile(inside, 99.5)))
-    first_views = orthogonal_slices(frames[0], point)
-    rows = len(first_views)
-    fig = Figure(figsize=(5.2, 2.5 * rows + 0.5))
-    canvas = FigureCanvasAgg(fig)
-    axes = fig.subplots(rows, 2, squeeze=False)
-    image_handles, change_handles = [], []
-    for row, view in enumerate(first_views):
-        image_handles.append(axes[row, 0].imshow(view, cmap="gray", origin="lower",
-                                                 vmin=gray[0], vmax=gray[1]))
-        axes[row, 1].imshow(view, cmap="gray", origin="lower", vmin=gray[0], vmax=gray[1])
-        change_handles.append(axes[row, 1].imshow(
-            orthogonal_slices(percent[0], point)[row], cmap="RdBu_r", origin="lower",
-            vmin=-limit, vmax=limit, alpha=0.8,
-        ))
-        if rows > 1:
-            axes[row, 0].set_ylabel(VIEW_NAMES[row], fontsize=8)
-        left, right = ("P", "A") if rows > 1 and row == 0 else ("L", "R")
-        for ax in axes[row]:
-            ax.set_xticks([])
-            ax.set_yticks([])
-            ax.text(0.03, 0.04, left, transform=ax.transAxes, color="w", fontsize=8)
-            ax.text(0.92, 0.04, right, transform=ax.transAxes, color="w", fontsize=8)
-    axes[0, 0].set_title("image", fontsize=9)
-    axes[0, 1].set_title("volume change (%)", fontsize=9)
-    bar = fig.colorbar(change_handles[-1], ax=axes[:, 1].tolist(), orientation="horizontal",
-                       fraction=0.05, pad=0.04)
-    bar.ax.tick_params(labelsize=7)
-    heading = fig.suptitle("", fontsize=9)
-    pictures = []
-    for index, t in enumerate(np.linspace(0.0, 1.0, n) if n > 1 else [1.0]):
-        image_views = orthogonal_slices(frames[index], point)
-        change_views = orthogonal_slices(percent[index], point)
-        for row in range(rows):
-            image_handles[row].set_data(image_views[row])
-            shown = np.ma.masked_where(np.abs(change_views[row]) < 0.02 * limit,
-                                       change_views[row])
-            change_handles[row].set_data(shown)
-        heading.set_text(f"{title}  t = {t:.2f}".strip())
-        canvas.draw()
-        rgba = np.asarray(canvas.buffer_rgba())
-        pictures.append(Image.fromarray(rgba[..., :3].copy()))
-    durations = [frame_ms] * (n - 1) + [max(frame_ms, hold_last_ms)]
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        pictures[0].save(tmp, format="GIF", save_all=True, append_images=pictures[1:],
-                         duration=durations, loop=0, disposal=1, optimize=False)
-    return path
+    return progression_gif(path, frames, changes, affine=affine, title=title,
+                           frame_ms=frame_ms, hold_last_ms=hold_last_ms, dpi=dpi)
 
 
 def write_progression(
@@ -234,6 +166,7 @@ def write_progression(
     n_frames: int,
     *,
     linear_displacement: bool = False,
+    affine: np.ndarray | None = None,
 ) -> Path:
     """Frames of one image and direction, written as ``OUT/<id>_<direction>_progression.gif``.
 
@@ -242,6 +175,8 @@ def write_progression(
         image_id: file-name-safe id of the image (as ``explain`` names its outputs).
         simulator, direction, n_frames, linear_displacement: as :func:`progression_frames`.
         image: ``(1, *S)`` or ``(1, 1, *S)`` preprocessed image (model grid).
+        affine: ``(4, 4)`` voxel-to-world matrix of the model grid (mm), for world cuts
+            and orientation letters (``LoadedVolume.model_affine``).
 
     Returns:
         The GIF's path.
@@ -256,5 +191,5 @@ def write_progression(
     how = "x o exp(t v)" if net.field == "velocity" else "linear path x o (Id + t u)"
     return write_progression_gif(
         Path(out) / f"{image_id}_{direction}_progression.gif", frames, changes,
-        title=f"{image_id}: {direction} ({how})",
+        affine=affine, title=f"{image_id}: {direction} ({how})",
     )

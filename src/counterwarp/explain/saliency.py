@@ -12,16 +12,15 @@ non-negative relevance in arbitrary units.
 
 The classifier is switched to eval mode for the call and restored afterwards; its parameters
 are never modified and no hook is left behind (Captum removes the hooks it registers).
+Drawing the maps is :func:`counterwarp.report.figures.saliency_panel`'s job.
 """
 
 from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Iterator, Mapping
-from pathlib import Path
+from collections.abc import Iterator
 
-import numpy as np
 import torch
 from captum.attr import (
     GuidedBackprop,
@@ -35,8 +34,8 @@ from captum.attr import (
 )
 from torch import Tensor, nn
 
-from counterwarp._io import atomic_path
 from counterwarp.errors import CounterwarpError
+from counterwarp.nn.classifier import last_conv_layer
 
 SALIENCY_METHODS: tuple[str, ...] = (
     "gradient",
@@ -48,7 +47,7 @@ SALIENCY_METHODS: tuple[str, ...] = (
     "occlusion",
 )
 
-__all__ = ["SALIENCY_METHODS", "find_last_conv", "saliency_map", "saliency_panel"]
+__all__ = ["SALIENCY_METHODS", "saliency_map"]
 
 
 class _Logit(nn.Module):
@@ -71,21 +70,6 @@ class _Logit(nn.Module):
                 f"it returned {tuple(out.shape)} for a batch of {images.shape[0]}"
             )
         return out
-
-
-def find_last_conv(model: nn.Module) -> nn.Module:
-    """Return the last ``nn.Conv2d`` / ``nn.Conv3d`` in ``model.modules()`` (Grad-CAM layer)."""
-    last: nn.Module | None = None
-    for module in model.modules():
-        if isinstance(module, (nn.Conv2d, nn.Conv3d)):
-            last = module
-    if last is None:
-        raise CounterwarpError(
-            "Grad-CAM needs a convolutional layer, and the classifier has no nn.Conv2d / "
-            "nn.Conv3d; pass target_layer=<the module whose output to use> or choose "
-            f"another method from {', '.join(SALIENCY_METHODS)}"
-        )
-    return last
 
 
 @contextlib.contextmanager
@@ -204,7 +188,7 @@ def saliency_map(
                 warnings.filterwarnings("ignore", message="Setting backward hooks on ReLU")
                 attr = GuidedBackprop(forward).attribute(inputs)
         elif method == "gradcam":
-            layer = target_layer if target_layer is not None else find_last_conv(model)
+            layer = target_layer if target_layer is not None else last_conv_layer(model)
             cam = LayerGradCam(forward, layer).attribute(inputs, relu_attributions=True)
             if cam.ndim != inputs.ndim:
                 raise CounterwarpError(
@@ -255,96 +239,3 @@ def _smoothgrad(forward: nn.Module, inputs: Tensor, samples: int, sigma: float) 
             )
         )
     return torch.cat(maps)
-
-
-# ----------------------------------------------------------------------------- figures
-
-
-def _overlay_point(shape: tuple[int, ...], maps: Mapping[str, np.ndarray]) -> tuple[int, ...]:
-    """Voxel where the maps, each scaled to max |map| = 1, agree most (their mean peak)."""
-    total = np.zeros(shape, dtype=np.float64)
-    for values in maps.values():
-        mag = np.abs(np.nan_to_num(np.asarray(values, dtype=np.float64)))
-        peak = mag.max() if mag.size else 0.0
-        if peak > 0:
-            total += mag / peak
-    if not total.any():
-        return tuple(s // 2 for s in shape)
-    return tuple(int(i) for i in np.unravel_index(int(np.argmax(total)), shape))
-
-
-def _slices(volume: np.ndarray, point: tuple[int, ...]) -> list[tuple[str, np.ndarray]]:
-    """2D views to draw: the image itself (2D), or sagittal / coronal / axial slices (3D)."""
-    if volume.ndim == 2:
-        return [("", volume.T)]
-    i, j, k = point
-    return [
-        (f"sagittal {i}", volume[i, :, :].T),
-        (f"coronal {j}", volume[:, j, :].T),
-        (f"axial {k}", volume[:, :, k].T),
-    ]
-
-
-def saliency_panel(
-    image: np.ndarray,
-    maps: Mapping[str, np.ndarray],
-    path: str | Path,
-    title: str = "",
-) -> Path:
-    """Write a PNG: the image, then each map's magnitude overlaid on it, one column per map.
-
-    Args:
-        image: ``(H, W)`` or ``(D, H, W)`` intensities. 3D arrays are read in RAS voxel
-            order (axis 0 left->right, 1 posterior->anterior, 2 inferior->superior), as
-            nibabel gives for the MNI template; rows are sagittal, coronal and axial slices
-            through the voxel where the maps (each scaled to its own maximum) peak together.
-        maps: method name -> map of the image's shape. Shown as ``|map|`` scaled to its own
-            99.5th percentile (hot colormap; values below 10 % of that are transparent).
-        path: output PNG path, written atomically.
-        title: figure title.
-
-    Returns:
-        The written path.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    image = np.asarray(image, dtype=np.float64)
-    if image.ndim not in (2, 3):
-        raise CounterwarpError(f"image must be 2D or 3D, got shape {image.shape}")
-    for name, values in maps.items():
-        if np.shape(values) != image.shape:
-            raise CounterwarpError(
-                f"map {name!r} has shape {np.shape(values)}, the image {image.shape}"
-            )
-    point = _overlay_point(image.shape, maps)
-    image_views = _slices(image, point)
-    lo, hi = np.percentile(image, [1.0, 99.5]) if image.size else (0.0, 1.0)
-    columns = 1 + len(maps)
-    rows = len(image_views)
-    fig = Figure(figsize=(2.4 * columns, 2.4 * rows + (0.4 if title else 0.0)))
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(rows, columns, squeeze=False)
-    for r, (label, view) in enumerate(image_views):
-        axes[r, 0].imshow(view, cmap="gray", origin="lower", vmin=lo, vmax=hi)
-        axes[r, 0].set_ylabel(label, fontsize=8)
-    axes[0, 0].set_title("image", fontsize=9)
-    for c, (name, values) in enumerate(maps.items(), start=1):
-        mag = np.abs(np.nan_to_num(np.asarray(values, dtype=np.float64)))
-        top = float(np.percentile(mag, 99.5)) if mag.size else 0.0
-        top = top if top > 0 else float(mag.max()) or 1.0
-        for r, (_label, view) in enumerate(_slices(mag, point)):
-            ax = axes[r, c]
-            ax.imshow(image_views[r][1], cmap="gray", origin="lower", vmin=lo, vmax=hi)
-            shown = np.ma.masked_less(view, 0.1 * top)
-            ax.imshow(shown, cmap="hot", origin="lower", vmin=0.0, vmax=top, alpha=0.7)
-        axes[0, c].set_title(name, fontsize=9)
-    for ax in axes.flat:
-        ax.set_xticks([])
-        ax.set_yticks([])
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    return Path(path)

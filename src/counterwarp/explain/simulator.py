@@ -18,18 +18,13 @@ from counterwarp._io import save_torch_atomic
 from counterwarp.errors import CounterwarpError
 from counterwarp.geometry.volume import folding_fraction, log_volume_change
 from counterwarp.losses import moved_by_margin
-from counterwarp.nn.simulator import SimulatorNet
+from counterwarp.nn.classifier import classifier_logits, freeze
+from counterwarp.nn.simulator import DIRECTIONS, SimulatorNet, simulate
 from counterwarp.train.config import FitConfig
-from counterwarp.train.simulator import (
-    classifier_logits,
-    fit_simulator,
-    freeze,
-    simulate,
-)
+from counterwarp.train.simulator import fit_simulator
 
 SIMULATOR_FORMAT = "counterwarp.simulator_model"
 SIMULATOR_VERSION = 1
-DIRECTIONS = {"inject": 1.0, "remove": -1.0}
 
 
 @dataclass

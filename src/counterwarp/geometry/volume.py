@@ -10,7 +10,7 @@ Conventions (shared with :mod:`monai.networks.blocks.Warp` and the rest of count
   volume around output point ``p``. If it is larger than 1, more anatomy is squeezed into
   the same space: the anatomy *shrinks*. :func:`log_volume_change` therefore reports
   ``-log det(I + grad u)`` so that, as users read maps, growth is positive and shrinkage is
-  negative (see ``METHOD.md``, "Sign convention").
+  negative (see ``docs/method.md``, "Sign convention").
 
 Derivatives are central differences (``torch.gradient``, one-sided first-order differences
 at the borders of the grid).

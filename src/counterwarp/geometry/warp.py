@@ -31,7 +31,7 @@ PADDING_MODES: tuple[str, ...] = ("zeros", "border", "reflection")
 
 _Layer = TypeVar("_Layer")
 _WARPS: dict[tuple[str, str], Warp] = {}
-_INTEGRATORS: dict[int, DVF2DDF] = {}
+_INTEGRATORS: dict[tuple[int, str], DVF2DDF] = {}
 
 
 def _quiet_build(factory: Callable[[], _Layer]) -> _Layer:
@@ -102,21 +102,36 @@ def warp(
     return layer(image.to(dtype), displacement.to(dtype))
 
 
-def integrate_velocity(velocity: torch.Tensor, num_steps: int = 7) -> torch.Tensor:
+def integrate_velocity(
+    velocity: torch.Tensor, num_steps: int = 7, padding_mode: str = "zeros"
+) -> torch.Tensor:
     """Exponentiate a stationary velocity field by scaling and squaring.
 
     Args:
         velocity: ``(B, d, *S)`` stationary velocity field ``v`` in voxels.
         num_steps: number of squarings (the field is first divided by ``2**num_steps``).
+        padding_mode: value of the field read outside the field of view during the
+            squarings: ``"zeros"`` (default; fields are 0 outside the image) or ``"border"``
+            (the outermost slice continues, for fields that do not vanish at the edge, like
+            the synthetic cohorts' random subject warps).
 
     Returns:
         ``(B, d, *S)`` displacement of ``exp(v)`` in voxels (same conventions as
-        :func:`warp`). ``integrate_velocity(-v)`` is the displacement of the inverse map.
+        :func:`warp`), in ``velocity``'s dtype. ``integrate_velocity(-v)`` is the
+        displacement of the inverse map.
     """
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
         raise CounterwarpError(f"num_steps must be a positive integer, got {num_steps!r}.")
-    layer = _INTEGRATORS.get(num_steps)
+    if padding_mode not in PADDING_MODES:
+        raise CounterwarpError(
+            f"integrate_velocity: padding_mode must be one of {PADDING_MODES}, got "
+            f"{padding_mode!r}."
+        )
+    key = (num_steps, padding_mode)
+    layer = _INTEGRATORS.get(key)
     if layer is None:
-        layer = _INTEGRATORS[num_steps] = _quiet_build(lambda: DVF2DDF(num_steps=num_steps))
+        layer = _INTEGRATORS[key] = _quiet_build(
+            lambda: DVF2DDF(num_steps=num_steps, padding_mode=padding_mode)
+        )
     _fresh_reference_grid(layer.warp_layer, velocity)
     return layer(velocity)

@@ -31,6 +31,8 @@ from counterwarp.errors import CounterwarpError
 
 CHECKPOINT_FORMAT = "counterwarp.classifier"
 CHECKPOINT_VERSION = 1
+#: File name of a classifier checkpoint inside a run folder.
+CLASSIFIER_NAME = "classifier.pt"
 _CONFIG_KEYS = ("input_shape", "channels", "hidden", "dropout")
 
 
@@ -184,8 +186,65 @@ def last_conv_layer(model: nn.Module) -> nn.Module:
         if isinstance(module, (nn.Conv2d, nn.Conv3d)):
             last = module
     if last is None:
-        raise CounterwarpError(f"{type(model).__name__} has no Conv2d / Conv3d layer")
+        raise CounterwarpError(
+            f"{type(model).__name__} has no Conv2d / Conv3d layer, which Grad-CAM needs; pass "
+            "target_layer=<the module whose output to use> or choose another saliency method"
+        )
     return last
+
+
+def classifier_logits(classifier: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Apply ``classifier`` and return logits of shape (B,).
+
+    Accepts any module mapping ``(B, 1, *S)`` to ``(B,)`` or ``(B, 1)``; anything else is a
+    :class:`CounterwarpError` that says what shape was returned.
+    """
+    output = classifier(images)
+    batch = images.shape[0]
+    if not isinstance(output, torch.Tensor):
+        raise CounterwarpError(
+            f"the classifier returned {type(output).__name__}; it must return a tensor of "
+            f"logits with shape (B,) or (B, 1)"
+        )
+    if output.shape == (batch,):
+        return output
+    if output.shape == (batch, 1):
+        return output[:, 0]
+    raise CounterwarpError(
+        f"the classifier returned shape {tuple(output.shape)} for a batch of {batch}; "
+        f"it must return one logit per image, shape ({batch},) or ({batch}, 1)"
+    )
+
+
+def freeze(classifier: nn.Module) -> nn.Module:
+    """Put ``classifier`` in eval mode and turn off its parameters' gradients (in place)."""
+    classifier.eval()
+    for parameter in classifier.parameters():
+        parameter.requires_grad_(False)
+    return classifier
+
+
+def module_device(module: nn.Module) -> torch.device:
+    """The device of ``module``'s first parameter (or buffer); the CPU when it has none."""
+    for parameter in module.parameters():
+        return parameter.device
+    for buffer in module.buffers():
+        return buffer.device
+    return torch.device("cpu")
+
+
+@torch.no_grad()
+def predict_in_batches(
+    classifier: nn.Module, images: torch.Tensor, batch_size: int = 32
+) -> torch.Tensor:
+    """Logits (N,) float32 on the CPU of ``images`` (N, 1, *S), in batches, without
+    gradients; each batch is moved to the classifier's device."""
+    device = module_device(classifier)
+    chunks = [
+        classifier_logits(classifier, images[i : i + batch_size].to(device)).float().cpu()
+        for i in range(0, images.shape[0], batch_size)
+    ]
+    return torch.cat(chunks)
 
 
 def save_classifier(
@@ -230,7 +289,7 @@ def load_classifier(
     """
     path = Path(path).expanduser()
     if path.is_dir():
-        path = path / "classifier.pt"
+        path = path / CLASSIFIER_NAME
     if not path.is_file():
         raise CounterwarpError(
             f"classifier checkpoint not found: {path}. Train one with "

@@ -4,7 +4,7 @@
 directions ``c`` in {-1, +1} (+1 inject the disease pattern, -1 remove it). Every
 convolution is a :class:`~counterwarp.nn.condconv.CondConv`, so ``c`` changes every layer's
 kernel (and it enters the bottleneck), coupling both simulators in one set of weights
-(Liu et al., IPMI 2021; see ``METHOD.md``).
+(Liu et al., IPMI 2021; see ``docs/method.md``).
 
 Architecture, for ``channels = (c0, c1, ..., cL)`` and ``n`` resolution levels::
 
@@ -20,7 +20,7 @@ that every spatial size is divisible by ``2**n`` and ``size / 2**n >= 2``. At 32
 Shapes that are odd cannot be pooled at all and are rejected: pad or crop images to a
 multiple of 16 first. The bottleneck FC has ``cn * prod(S / 2**n)`` inputs (1024 at 64^3).
 
-Deviation from ``METHOD.md``: the ReLU is applied to the latent code *before* ``c`` is
+Deviation from ``docs/method.md``: the ReLU is applied to the latent code *before* ``c`` is
 concatenated, so ``c = -1`` is not clipped to 0.
 
 BatchNorm runs in batch-statistics mode while training, including when the simulator is
@@ -38,11 +38,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from counterwarp.errors import CounterwarpError
-from counterwarp.geometry.warp import integrate_velocity
+from counterwarp.geometry.warp import integrate_velocity, warp
 from counterwarp.nn.condconv import ROUTINGS, CondConv
 
 Field = Literal["displacement", "velocity"]
 FIELDS: tuple[str, ...] = ("displacement", "velocity")
+#: The simulator's two directions and their condition ``c``: "inject" makes an image look
+#: more diseased to the classifier (its logit rises), "remove" healthier (it falls).
+DIRECTIONS: dict[str, float] = {"inject": 1.0, "remove": -1.0}
 
 _BATCHNORM = {2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 _MAXPOOL = {2: nn.MaxPool2d, 3: nn.MaxPool3d}
@@ -414,3 +417,22 @@ def gaussian_smooth(field: torch.Tensor, sigma: float) -> torch.Tensor:
         padding[axis] = radius
         field = convolve(field, weight, padding=tuple(padding), groups=channels)
     return field
+
+
+def simulate(
+    net: SimulatorNet, images: torch.Tensor, condition: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Warp ``images`` (B, 1, *S) in direction ``condition`` (B,) of +-1 with ``net``.
+
+    ``net`` is a :class:`SimulatorNet` or anything with its ``forward`` and
+    ``displacements`` (e.g. the ablation's two simulators). The geometry runs in float32
+    even under autocast.
+
+    Returns:
+        ``(simulated (B, 1, *S), displacement (B, d, *S) in voxels, inverse displacement or
+        None, raw field)``.
+    """
+    raw = net(images, condition)
+    with torch.autocast(device_type=raw.device.type, enabled=False):  # geometry in float32
+        displacement, inverse = net.displacements(raw.float())
+        return warp(images.float(), displacement), displacement, inverse, raw

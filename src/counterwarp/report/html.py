@@ -7,36 +7,38 @@ Every section is optional: what the run folder lacks is replaced by a short note
 
 Sections: cohort and classifier (``split.json``, ``classifier_metrics.json``,
 ``classifier_log.csv``); simulator fit (``simulator_fit.json``, ``simulator_log.csv``, the
-demo's held-out assessment when present); group maps (``RUN/group``, computed with
-:func:`counterwarp.workflows.group.group_run` when absent and a simulator exists);
-per-subject panels of a few held-out subjects for both directions with saliency baselines
-beside them (reused from an ``explain`` / ``saliency`` folder, otherwise made now); the
-benchmark table (``results.md``) when present.
+demo's held-out assessment when present); group maps (``RUN/group``); per-subject panels of a
+few held-out subjects for both directions with saliency baselines beside them (from an
+``explain`` / ``saliency`` folder); the benchmark table (``results.md``) when present.
+
+This module only renders files that exist: :class:`ReportInputs` says where they are.
+Finding them, and making the missing ones, is the job of :mod:`counterwarp.workflows.report`.
 """
 
 from __future__ import annotations
 
-import base64
-import csv
 import datetime as _dt
-import html
-import io
-import json
-import re
-import tempfile
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from counterwarp._io import write_text_atomic
+from counterwarp.data.truth import COHORT_NAME
 from counterwarp.errors import CounterwarpError
+from counterwarp.report.markup import escape as _e
+from counterwarp.report.markup import figure_uri as _figure_uri
+from counterwarp.report.markup import format_cell as _fmt
+from counterwarp.report.markup import image as _image
+from counterwarp.report.markup import image_file as _image_file
+from counterwarp.report.markup import markdown_to_html, read_json
+from counterwarp.report.markup import note as _note
+from counterwarp.report.markup import read_csv as _read_csv
+from counterwarp.report.markup import table as _table
 
-__all__ = ["REPORT_NAME", "markdown_to_html", "report_run"]
+__all__ = ["ReportInputs", "guarded_note", "render_report"]
 
-REPORT_NAME = "report.html"
-GROUP_FOLDER = "group"
-REPORT_SALIENCY_METHODS = ("gradient", "integrated_gradients", "gradcam")
 DIRECTION_WORDS = {"remove": "remove (healthier)", "inject": "inject (more diseased)"}
 
 _CSS = """
@@ -69,181 +71,48 @@ code { background: #eef1f5; padding: 0 3px; border-radius: 3px; }
 """
 
 
-# --------------------------------------------------------------------------- html helpers
-
-
-def _e(value: Any) -> str:
-    """Escaped text of any value."""
-    return html.escape(str(value), quote=True)
-
-
-def _note(text: str) -> str:
-    return f'<p class="note">{_e(text)}</p>'
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, bool) or value is None:
-        return "" if value is None else str(value)
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
-
-
-def _table(headers: list[str], rows: list[list[Any]]) -> str:
-    head = "".join(f"<th>{_e(h)}</th>" for h in headers)
-    body = []
-    for row in rows:
-        cells = []
-        for value in row:
-            numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
-            css = ' class="num"' if numeric else ""
-            cells.append(f"<td{css}>{_e(_fmt(value))}</td>")
-        body.append("<tr>" + "".join(cells) + "</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
-
-
-def _data_uri(payload: bytes, mime: str) -> str:
-    return f"data:{mime};base64,{base64.b64encode(payload).decode('ascii')}"
-
-
-def _image_file(path: Path, alt: str, caption: str = "") -> str:
-    """``<figure>`` embedding a PNG / GIF file."""
-    mime = "image/gif" if path.suffix.lower() == ".gif" else "image/png"
-    return _image(_data_uri(path.read_bytes(), mime), alt, caption)
-
-
-def _image(uri: str, alt: str, caption: str = "") -> str:
-    cap = f"<figcaption>{_e(caption)}</figcaption>" if caption else ""
-    return f'<figure><img src="{uri}" alt="{_e(alt)}">{cap}</figure>'
-
-
-def _figure_uri(fig: Any, dpi: int = 90) -> str:
-    """A matplotlib figure as a PNG data URI."""
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=dpi)
-    return _data_uri(buffer.getvalue(), "image/png")
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def _read_csv(path: Path) -> list[dict[str, str]]:
-    if not path.is_file():
-        return []
-    with open(path, newline="", encoding="utf-8") as handle:
-        return list(csv.DictReader(handle))
-
-
-_INLINE_CODE = re.compile(r"`([^`]+)`")
-_BOLD = re.compile(r"\*\*([^*]+)\*\*")
-_BULLET = re.compile(r"^\s*[-*]\s+")
-
-
-def _inline(text: str) -> str:
-    """Escape ``text``, then render `code` and **bold**."""
-    escaped = _e(text)
-    escaped = _INLINE_CODE.sub(r"<code>\1</code>", escaped)
-    return _BOLD.sub(r"<strong>\1</strong>", escaped)
-
-
-_CELL_SEPARATOR = re.compile(r"(?<!\\)\|")
-
-
-def _split_row(line: str) -> list[str]:
-    """Cells of a Markdown table row; ``\\|`` inside a cell is a literal pipe."""
-    body = line.strip()
-    if body.startswith("|"):
-        body = body[1:]
-    if body.endswith("|") and not body.endswith("\\|"):
-        body = body[:-1]
-    return [cell.strip().replace("\\|", "|") for cell in _CELL_SEPARATOR.split(body)]
-
-
-def markdown_to_html(text: str) -> str:
-    """Render the Markdown a benchmark writes (headings, pipe tables, lists, paragraphs).
-
-    Everything is escaped; links and images are kept as text (the report loads nothing).
-    """
-    out: list[str] = []
-    lines = text.splitlines()
-    index = 0
-    paragraph: list[str] = []
-
-    def flush() -> None:
-        if paragraph:
-            out.append(f"<p>{_inline(' '.join(paragraph))}</p>")
-            paragraph.clear()
-
-    while index < len(lines):
-        line = lines[index].rstrip()
-        stripped = line.strip()
-        if stripped.startswith("|"):
-            flush()
-            block = []
-            while index < len(lines) and lines[index].strip().startswith("|"):
-                block.append(_split_row(lines[index]))
-                index += 1
-            separator = len(block) > 1 and all(
-                re.fullmatch(r":?-{1,}:?", cell.replace(" ", "")) for cell in block[1] if cell
-            )
-            header, rows = (block[0], block[2:]) if separator else ([], block)
-            right = [cell.strip().endswith(":") for cell in block[1]] if separator else []
-
-            def cell(tag: str, column: int, value: str, right: list[bool] = right) -> str:
-                css = ' class="num"' if column < len(right) and right[column] else ""
-                return f"<{tag}{css}>{_inline(value)}</{tag}>"
-
-            head = "".join(cell("th", i, c) for i, c in enumerate(header))
-            body = "".join(
-                "<tr>" + "".join(cell("td", i, c) for i, c in enumerate(row)) + "</tr>"
-                for row in rows
-            )
-            thead = f"<thead><tr>{head}</tr></thead>" if header else ""
-            out.append(f"<table>{thead}<tbody>{body}</tbody></table>")
-            continue
-        heading = re.match(r"^(#{1,6})\s+(.*)$", stripped)
-        if heading:
-            flush()
-            level = min(6, len(heading.group(1)) + 2)
-            out.append(f"<h{level}>{_inline(heading.group(2))}</h{level}>")
-        elif re.match(r"^[-*]\s+", stripped):
-            flush()
-            items = []
-            while index < len(lines) and _BULLET.match(lines[index]):
-                item = _BULLET.sub("", lines[index])
-                items.append(f"<li>{_inline(item)}</li>")
-                index += 1
-            out.append(f"<ul>{''.join(items)}</ul>")
-            continue
-        elif not stripped:
-            flush()
-        else:
-            paragraph.append(stripped)
-        index += 1
-    flush()
-    return "\n".join(out)
-
-
 # --------------------------------------------------------------------------- sections
 
 
-class _Context:
-    """What the sections share: paths, the split, and lazily loaded models."""
+@dataclass
+class ReportInputs:
+    """Where the files the page shows are (each None / empty when there are none).
 
-    def __init__(self, run: Path, options: dict[str, Any]) -> None:
-        self.run = run
-        self.options = options
-        self.split = _read_json(run / "split.json")
-        self.has_classifier = (run / "classifier.pt").is_file()
-        self.has_simulator = (run / "simulator.pt").is_file()
-        self.tmp = Path(tempfile.mkdtemp(prefix="counterwarp-report-"))
+    Attributes:
+        run: the run folder.
+        group_dir: folder of the group maps (``group_<direction>_*``).
+        split: its ``split.json`` (None when the classifier is not trained yet).
+        has_classifier, has_simulator: whether the run holds the two models.
+        files: the run's tables by role (``classifier_metrics``, ``classifier_log``,
+            ``simulator_fit``, ``simulator_log``, ``demo_summary``, ``explain_summary``);
+            a missing role or file leaves its part of the page out.
+        group_errors: direction -> why its group maps could not be made.
+        subjects: the held-out ``split.json`` items to show.
+        explain_dir, saliency_dir: folders with their panels (``<id>_<direction>.png``,
+            ``summary.csv``; ``<id>_saliency.png``).
+        explain_made, saliency_made: True when those were made for this page.
+        saliency_error: why the saliency maps could not be made.
+        saliency_methods: the methods used when they were made for this page.
+        benchmark: the benchmark's ``results.md``.
+        failed: section anchor -> note that replaces the section (making it failed).
+    """
+
+    run: Path
+    group_dir: Path
+    split: dict[str, Any] | None = None
+    has_classifier: bool = False
+    has_simulator: bool = False
+    files: dict[str, Path] = field(default_factory=dict)
+    group_errors: dict[str, str] = field(default_factory=dict)
+    subjects: list[dict[str, Any]] = field(default_factory=list)
+    explain_dir: Path | None = None
+    explain_made: bool = False
+    saliency_dir: Path | None = None
+    saliency_made: bool = False
+    saliency_error: str | None = None
+    saliency_methods: tuple[str, ...] = ()
+    benchmark: Path | None = None
+    failed: dict[str, str] = field(default_factory=dict)
 
     @property
     def manifest(self) -> Path | None:
@@ -255,7 +124,7 @@ class _Context:
         return self.manifest.parent if self.manifest is not None else None
 
 
-def _cohort_section(ctx: _Context) -> str:
+def _cohort_section(ctx: ReportInputs) -> str:
     parts: list[str] = []
     if ctx.split is None:
         return _note("no split.json: the classifier has not been trained in this run yet")
@@ -267,7 +136,7 @@ def _cohort_section(ctx: _Context) -> str:
         rows.append([part, len(items), subjects, diseased, len(items) - diseased])
     parts.append(f"<p>manifest: <code>{_e(ctx.split.get('manifest', '?'))}</code></p>")
     parts.append(_table(["part", "images", "subjects", "diseased (1)", "healthy (0)"], rows))
-    cohort = _read_json(ctx.cohort / "cohort.json") if ctx.cohort is not None else None
+    cohort = read_json(ctx.cohort / COHORT_NAME) if ctx.cohort is not None else None
     if cohort is not None and cohort.get("generator", "").startswith("counterwarp"):
         parts.append(
             f"<p>Synthetic cohort built from the MNI152 template (images in template space): "
@@ -276,7 +145,7 @@ def _cohort_section(ctx: _Context) -> str:
             f"{_e(_fmt(cohort.get('spacing_mm')))} mm, effect strength "
             f"{_e(cohort.get('effect'))}, seed {_e(cohort.get('seed'))}.</p>"
         )
-    metrics = _read_json(ctx.run / "classifier_metrics.json")
+    metrics = read_json(ctx.files.get("classifier_metrics"))
     if metrics is None:
         parts.append(_note("classifier not trained yet (no classifier_metrics.json)"))
     else:
@@ -292,7 +161,7 @@ def _cohort_section(ctx: _Context) -> str:
             f'{_e(metrics.get("epochs"))}; input grid {_e(metrics.get("input_shape"))}; '
             f'device {_e(metrics.get("device"))}</p>'
         )
-    log = _read_csv(ctx.run / "classifier_log.csv")
+    log = _read_csv(ctx.files.get("classifier_log"))
     if log:
         from counterwarp.report.figures import classifier_curves_figure
 
@@ -303,8 +172,8 @@ def _cohort_section(ctx: _Context) -> str:
     return "\n".join(parts)
 
 
-def _simulator_section(ctx: _Context) -> str:
-    fit = _read_json(ctx.run / "simulator_fit.json")
+def _simulator_section(ctx: ReportInputs) -> str:
+    fit = read_json(ctx.files.get("simulator_fit"))
     if fit is None and not ctx.has_simulator:
         return _note("simulator not fitted yet: run `counterwarp fit --manifest M --run RUN`")
     parts: list[str] = []
@@ -327,7 +196,7 @@ def _simulator_section(ctx: _Context) -> str:
             ["last step: moved past margin (share of batch)", final.get("moved_share")],
         ]
         parts.append(_table(["setting", "value"], rows))
-    log = _read_csv(ctx.run / "simulator_log.csv")
+    log = _read_csv(ctx.files.get("simulator_log"))
     if log:
         from counterwarp.report.figures import simulator_curves_figure
 
@@ -337,7 +206,7 @@ def _simulator_section(ctx: _Context) -> str:
                             "share of each batch moved past the margin"))
     else:
         parts.append(_note("no simulator_log.csv in the run"))
-    demo = _read_json(ctx.run.parent / "demo_summary.json")
+    demo = read_json(ctx.files.get("demo_summary"))
     held = (demo or {}).get("held_out")
     if isinstance(held, dict):
         parts.append("<h3>Held-out assessment (demo)</h3>")
@@ -345,36 +214,19 @@ def _simulator_section(ctx: _Context) -> str:
     return "\n".join(parts)
 
 
-def _auto_atlas(ctx: _Context) -> tuple[Path | None, Path | None]:
-    """The synthetic cohort's effect-region atlas, when the run's cohort has one."""
-    if ctx.cohort is None:
-        return None, None
-    atlas = ctx.cohort / "truth" / "effect_regions.nii.gz"
-    names = ctx.cohort / "truth" / "effect_regions.csv"
-    if not atlas.is_file():
-        return None, None
-    return atlas, names if names.is_file() else None
-
-
-def _group_section(ctx: _Context) -> str:
-    from counterwarp.workflows.group import group_run
-
-    folder = Path(ctx.options.get("group_dir") or ctx.run / GROUP_FOLDER)
+def _group_section(ctx: ReportInputs) -> str:
+    folder = ctx.group_dir
     parts: list[str] = [
         "<p>Mean log volume change of the held-out subjects per direction, shown as percent "
         "volume change (red: the anatomy grows, blue: it shrinks), over the mean anatomy; "
         "right: only voxels where Benjamini-Hochberg FDR keeps the one-sample t test.</p>"
     ]
     for direction in ("inject", "remove"):
-        summary = _read_json(folder / f"group_{direction}_summary.json")
-        if summary is None and ctx.has_simulator and ctx.options.get("compute", True):
-            atlas, names = _auto_atlas(ctx)
-            try:
-                summary = group_run(ctx.run, folder, direction=direction, atlas=atlas,
-                                    atlas_names=names, progress=ctx.options["progress"])
-            except CounterwarpError as error:
-                parts.append(_note(f"group maps ({direction}) could not be computed: {error}"))
-                continue
+        if direction in ctx.group_errors:
+            error = ctx.group_errors[direction]
+            parts.append(_note(f"group maps ({direction}) could not be computed: {error}"))
+            continue
+        summary = read_json(folder / f"group_{direction}_summary.json")
         if summary is None:
             parts.append(_note(
                 f"no group maps for {direction}: simulator not fitted yet" if not
@@ -422,69 +274,21 @@ def _number(text: str) -> Any:
         return text
 
 
-def _held_out_subjects(ctx: _Context, count: int) -> list[dict[str, Any]]:
-    """Up to ``count`` test-split items, alternating diseased and healthy."""
-    items = list((ctx.split or {}).get("test") or [])
-    diseased = [item for item in items if int(item.get("label", 0)) == 1]
-    healthy = [item for item in items if int(item.get("label", 0)) != 1]
-    chosen: list[dict[str, Any]] = []
-    while len(chosen) < count and (diseased or healthy):
-        for pool in (diseased, healthy):
-            if pool and len(chosen) < count:
-                chosen.append(pool.pop(0))
-    return chosen
-
-
-def _find_folder(given: Any, candidates: list[Path], probe: Callable[[Path], bool]) -> Path | None:
-    for folder in ([Path(given)] if given else candidates):
-        if folder.is_dir() and probe(folder):
-            return folder
-    return None
-
-
-def _subjects_section(ctx: _Context) -> str:
+def _subjects_section(ctx: ReportInputs) -> str:
     from counterwarp.data.manifest import image_id
 
-    count = int(ctx.options.get("n_subjects", 4))
-    chosen = _held_out_subjects(ctx, count)
+    chosen = ctx.subjects
     if not chosen:
         return _note("no held-out subjects: the run has no split.json test part yet")
-    paths = [Path(item["path"]) for item in chosen]
-    ids = [image_id(path) for path in paths]
+    ids = [image_id(Path(item["path"])) for item in chosen]
     parts: list[str] = []
-
-    def has_panels(folder: Path) -> bool:
-        return all((folder / f"{i}_{d}.png").is_file() for i in ids for d in ("remove", "inject"))
-
-    explain_dir = _find_folder(ctx.options.get("explain_dir"),
-                               [ctx.run.parent / "explain", ctx.run / "explain"], has_panels)
-    if explain_dir is None and ctx.has_simulator and ctx.options.get("compute", True):
-        from counterwarp.workflows.explain import explain_run
-
-        explain_dir = ctx.tmp / "explain"
-        explain_run(ctx.run, explain_dir, images=paths, direction="both",
-                    progress=ctx.options["progress"])
+    explain_dir, saliency_dir, saliency_error = (
+        ctx.explain_dir, ctx.saliency_dir, ctx.saliency_error
+    )
     summary = {
         (row.get("id"), row.get("direction")): row
-        for row in (_read_csv(explain_dir / "summary.csv") if explain_dir else [])
+        for row in _read_csv(ctx.files.get("explain_summary"))
     }
-
-    def has_saliency(folder: Path) -> bool:
-        return all((folder / f"{i}_saliency.png").is_file() for i in ids)
-
-    saliency_dir = _find_folder(ctx.options.get("saliency_dir"),
-                                [ctx.run.parent / "saliency", ctx.run / "saliency"],
-                                has_saliency)
-    saliency_error = None
-    if saliency_dir is None and ctx.has_classifier and ctx.options.get("compute", True):
-        from counterwarp.workflows.saliency import saliency_run
-
-        try:
-            saliency_dir = ctx.tmp / "saliency"
-            saliency_run(ctx.run, saliency_dir, methods=list(REPORT_SALIENCY_METHODS),
-                         images=paths, progress=ctx.options["progress"])
-        except CounterwarpError as error:
-            saliency_dir, saliency_error = None, str(error)
     if explain_dir is None:
         parts.append(_note("simulator not fitted yet: no simulated images to show"))
     if saliency_dir is None:
@@ -529,107 +333,67 @@ def _subjects_section(ctx: _Context) -> str:
         parts.append('<div class="row">' + "".join(figures) + "</div></div>")
     source = []
     if explain_dir is not None:
-        source.append("explanations: " + ("made for this report" if ctx.tmp in explain_dir.parents
+        source.append("explanations: " + ("made for this report" if ctx.explain_made
                                           else str(explain_dir)))
     if saliency_dir is not None:
         source.append("saliency: " + ("made for this report (" + ", ".join(
-            REPORT_SALIENCY_METHODS) + ")" if ctx.tmp in saliency_dir.parents
+            ctx.saliency_methods) + ")" if ctx.saliency_made
             else str(saliency_dir)))
     if source:
         parts.append(f'<p class="muted">{_e("; ".join(source))}</p>')
     return "\n".join(parts)
 
 
-def _benchmark_section(ctx: _Context) -> str:
-    given = ctx.options.get("benchmark")
-    candidates = []
-    if given:
-        given = Path(given)
-        candidates.append(given / "results.md" if given.is_dir() else given)
-    else:
-        candidates += [ctx.run / "benchmark" / "results.md",
-                       ctx.run.parent / "benchmark" / "results.md"]
-    for path in candidates:
-        if path.is_file():
-            text = path.read_text(encoding="utf-8", errors="replace")
-            figure = path.parent / "methods_figure.png"
-            extra = (_image_file(figure, "benchmark methods figure", "methods vs the truth")
-                     if figure.is_file() else "")
-            return (markdown_to_html(text) + extra
-                    + f'<p class="muted">from {_e(path)}</p>')
+def _benchmark_section(ctx: ReportInputs) -> str:
+    path = ctx.benchmark
+    if path is not None and path.is_file():
+        text = path.read_text(encoding="utf-8", errors="replace")
+        figure = path.parent / "methods_figure.png"
+        extra = (_image_file(figure, "benchmark methods figure", "methods vs the truth")
+                 if figure.is_file() else "")
+        return (markdown_to_html(text) + extra
+                + f'<p class="muted">from {_e(path)}</p>')
     return _note("no benchmark results yet (run `counterwarp benchmark`; it writes results.md)")
 
 
-def _guarded(title: str, anchor: str, build: Callable[[_Context], str], ctx: _Context) -> str:
-    """One ``<section>``; a failure in an optional part becomes a note, not a crash."""
+def guarded_note(title: str, build: Callable[[], object]) -> str | None:
+    """Run ``build``; None when it succeeds, else the note that replaces ``title``'s part.
+
+    A failure in an optional part of the page becomes a note, not a crash.
+    """
     try:
+        build()
+    except CounterwarpError as error:
+        return _note(f"{title}: {error}")
+    except Exception as error:  # noqa: BLE001 - the report must still be written
+        return _note(f"{title} could not be built ({type(error).__name__}: {error})")
+    return None
+
+
+def _guarded(
+    title: str, anchor: str, build: Callable[[ReportInputs], str], ctx: ReportInputs
+) -> str:
+    """One ``<section>``; a failure while making or rendering it becomes a note."""
+    body = ctx.failed.get(anchor)
+    if body is None:
+        rendered: list[str] = []
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            body = build(ctx)
-    except CounterwarpError as error:
-        body = _note(f"{title}: {error}")
-    except Exception as error:  # noqa: BLE001 - the report must still be written
-        body = _note(f"{title} could not be built ({type(error).__name__}: {error})")
+            body = guarded_note(title, lambda: rendered.append(build(ctx)))
+        body = rendered[0] if body is None else body
     return f'<section id="{anchor}"><h2>{_e(title)}</h2>\n{body}\n</section>'
 
 
-def report_run(
-    run: str | Path,
-    out: str | Path | None = None,
-    *,
-    explain_dir: str | Path | None = None,
-    saliency_dir: str | Path | None = None,
-    group_dir: str | Path | None = None,
-    benchmark: str | Path | None = None,
-    n_subjects: int = 4,
-    compute: bool = True,
-    progress: bool = False,
-) -> Path:
-    """Write the run's self-contained HTML report and return its path.
-
-    Args:
-        run: run folder.
-        out: output file (default ``RUN/report.html``).
-        explain_dir: folder of ``counterwarp explain`` outputs to reuse (default: the first of
-            ``RUN/../explain``, ``RUN/explain`` that has panels for the chosen subjects).
-        saliency_dir: folder of ``counterwarp saliency`` outputs to reuse (default
-            ``RUN/../saliency`` or ``RUN/saliency``).
-        group_dir: folder of group maps (default ``RUN/group``; computed there when absent
-            and the run has a simulator).
-        benchmark: ``results.md`` or a folder holding it (default ``RUN/benchmark`` or
-            ``RUN/../benchmark``).
-        n_subjects: held-out subjects to show (alternating diseased / healthy).
-        compute: make missing group maps, panels and saliency maps with the run's models;
-            False only embeds what exists.
-        progress: show progress bars while computing.
-
-    Raises:
-        CounterwarpError: ``run`` is not a folder.
-    """
-    run = Path(run).expanduser()
-    if not run.is_dir():
-        raise CounterwarpError(f"--run {run}: no such run folder")
-    if isinstance(n_subjects, bool) or not isinstance(n_subjects, int) or n_subjects < 0:
-        raise CounterwarpError(f"n_subjects must be a non-negative integer, got {n_subjects!r}")
-    target = Path(out).expanduser() if out is not None else run / REPORT_NAME
-    options = {
-        "explain_dir": explain_dir, "saliency_dir": saliency_dir, "group_dir": group_dir,
-        "benchmark": benchmark, "n_subjects": n_subjects, "compute": compute,
-        "progress": progress,
-    }
-    ctx = _Context(run, options)
-    try:
-        sections = [
-            _guarded("Cohort and classifier", "cohort", _cohort_section, ctx),
-            _guarded("Simulator", "simulator", _simulator_section, ctx),
-            _guarded("Group maps", "group", _group_section, ctx),
-            _guarded("Held-out subjects", "subjects", _subjects_section, ctx),
-            _guarded("Benchmark", "benchmark", _benchmark_section, ctx),
-        ]
-    finally:
-        import shutil
-
-        shutil.rmtree(ctx.tmp, ignore_errors=True)
+def render_report(ctx: ReportInputs, target: str | Path) -> Path:
+    """Write the self-contained HTML page of ``ctx`` to ``target`` (atomically); its path."""
+    run = ctx.run
+    sections = [
+        _guarded("Cohort and classifier", "cohort", _cohort_section, ctx),
+        _guarded("Simulator", "simulator", _simulator_section, ctx),
+        _guarded("Group maps", "group", _group_section, ctx),
+        _guarded("Held-out subjects", "subjects", _subjects_section, ctx),
+        _guarded("Benchmark", "benchmark", _benchmark_section, ctx),
+    ]
     from counterwarp import __version__
 
     stamp = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")

@@ -5,9 +5,9 @@ same shape) restricts scoring to its voxels, typically the brain. Voxels where e
 not finite (NaN, inf) are left out. A score that is undefined (constant input, fewer than
 two voxels, an empty class) is ``nan``, never an exception or a warning.
 
-Two scales are scored (see METHOD.md, "what a small 2D probe showed"): voxel-wise, and region
-scale after Gaussian smoothing, because inside uniform tissue a volume change cannot be seen
-in the image and only boundary motion can be localised precisely.
+Two scales are scored (see ``docs/method.md``, "what a small 2D probe showed"): voxel-wise,
+and region scale after Gaussian smoothing, because inside uniform tissue a volume change cannot
+be seen in the image and only boundary motion can be localised precisely.
 """
 
 from __future__ import annotations

@@ -73,7 +73,7 @@ from counterwarp.data.manifest import (
 from counterwarp.data.preprocess import PREPROCESSING_INFO
 from counterwarp.errors import CounterwarpError
 from counterwarp.geometry.warp import warp
-from counterwarp.nn.classifier import Classifier, save_classifier
+from counterwarp.nn.classifier import CLASSIFIER_NAME, Classifier, save_classifier
 from counterwarp.train.common import (
     auc,
     binary_metrics,
@@ -93,6 +93,11 @@ AUGMENTATION: dict[str, float] = {
 RECALIBRATE_BATCHNORM = True
 """Before each validation, recompute the BatchNorm running statistics exactly over the
 (unaugmented) training part, so the decision threshold does not drift with the last batches."""
+
+#: Files the classifier's training writes into its run folder (and ``CLASSIFIER_NAME``).
+SPLIT_NAME = "split.json"
+CLASSIFIER_LOG_NAME = "classifier_log.csv"
+CLASSIFIER_METRICS_NAME = "classifier_metrics.json"
 
 LOG_COLUMNS = (
     "epoch",
@@ -367,7 +372,7 @@ def train_classifier(
             **{name: [_row_record(rows[i]) for i in split[name]] for name in SPLIT_PARTS},
         }
         if group.is_main:
-            write_json_atomic(out / "split.json", split_record)
+            write_json_atomic(out / SPLIT_NAME, split_record)
         parts = {name: Subset(dataset, split[name]) for name in SPLIT_PARTS}
         labels = {name: dataset.labels[split[name]] for name in SPLIT_PARTS}
 
@@ -441,7 +446,7 @@ def train_classifier(
                 }
             )
             if group.is_main:
-                write_text_atomic(out / "classifier_log.csv", _log_text(log_records))
+                write_text_atomic(out / CLASSIFIER_LOG_NAME, _log_text(log_records))
             bar.set_postfix(loss=f"{train_loss:.3f}", val_auc=f"{val_auc:.3f}")
         bar.close()
 
@@ -486,7 +491,7 @@ def train_classifier(
         )
         if group.is_main:
             save_classifier(
-                out / "classifier.pt",
+                out / CLASSIFIER_NAME,
                 model,
                 {
                     "input_shape": list(dataset.spatial_shape),
@@ -502,5 +507,5 @@ def train_classifier(
                     "counterwarp_version": __version__,
                 },
             )
-            write_json_atomic(out / "classifier_metrics.json", metrics)
+            write_json_atomic(out / CLASSIFIER_METRICS_NAME, metrics)
         return metrics

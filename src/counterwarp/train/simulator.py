@@ -1,19 +1,15 @@
-"""Training loop of the conditional warping simulator (METHOD.md).
+"""Training loop of the conditional warping simulator (``docs/method.md``).
 
 The classifier is frozen (eval mode, ``requires_grad`` off) but gradients flow through it
 into the simulator. Training images are split by the classifier's *own* prediction:
 images it calls diseased teach "remove" (condition -1), images it calls healthy teach
-"inject" (condition +1). Every batch holds both directions, one condition per sample.
+"inject" (condition +1). Every batch holds both directions, one condition per sample. The
+objective and its two schedules (``joint``, ``alternating``) are in
+:mod:`counterwarp.train.steps`.
 
-Two schedules:
-- ``joint`` (default): one Adam optimiser on
-  ``w_shift * L_shift + w_cycle * L_cycle + w_smooth * L_smooth + w_magnitude * L_magnitude``;
-- ``alternating`` (the paper's): one optimiser steps on the shift and regularisers, a second
-  one (after ``cycle_warmup`` steps) on the cycle loss, on every batch.
-
-Checkpoints (``simulator_checkpoint.pt``) are written atomically every ``checkpoint_every``
-steps and hold the model, the optimisers, the step and every random state, so a resumed run
-reaches the same weights as an uninterrupted one.
+Checkpoints (``simulator_checkpoint.pt``, :mod:`counterwarp.train.checkpoint`) are written
+atomically every ``checkpoint_every`` steps and hold the model, the optimisers, the step and
+every random state, so a resumed run reaches the same weights as an uninterrupted one.
 
 Under ``torchrun`` (see :mod:`counterwarp.distributed`) ``batch_size`` is the global batch:
 every rank draws it and trains on its contiguous slice, gradients are averaged after each
@@ -23,8 +19,6 @@ rank 0 writes the checkpoint and the log (all ranks resume from the same checkpo
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import time
 from collections.abc import Callable
@@ -37,27 +31,27 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from counterwarp import distributed
-from counterwarp._io import save_torch_atomic, write_text_atomic
+from counterwarp._io import save_torch_atomic
 from counterwarp.errors import CounterwarpError
-from counterwarp.geometry.warp import warp
-from counterwarp.losses import (
-    cycle_loss,
-    displacement_magnitude_loss,
-    folding_penalty,
-    logit_shift_loss,
-    moved_by_margin,
-    smoothness_loss,
-)
+from counterwarp.nn.classifier import freeze, predict_in_batches
 from counterwarp.nn.simulator import SimulatorNet
-from counterwarp.train.config import FitConfig
-
-CHECKPOINT_NAME = "simulator_checkpoint.pt"
-LOG_NAME = "simulator_log.csv"
-LOG_COLUMNS = (
-    "step", "loss", "shift", "cycle", "smooth", "magnitude", "moved_share", "lr", "seconds",
+from counterwarp.train.checkpoint import (
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_NAME,
+    LOG_NAME,
+    load_checkpoint,
+    random_state,
+    read_log,
+    restore_random_state,
+    restore_rank_random_state,
+    write_log,
 )
-INJECT = 1.0
-REMOVE = -1.0
+from counterwarp.train.config import FitConfig
+from counterwarp.train.steps import LossTerms, balanced_batch, train_step
+
+__all__ = ["FitResult", "build_net", "fit_simulator", "learning_rate", "to_training_layout"]
+
+
 @dataclass
 class FitResult:
     """What :func:`fit_simulator` returns."""
@@ -102,208 +96,6 @@ def to_training_layout(module: nn.Module, config: FitConfig, spatial_dims: int) 
     if config.precision == "bf16" and spatial_dims == 3:
         return module.to(memory_format=torch.channels_last_3d)
     return module
-
-
-def classifier_logits(classifier: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """Apply ``classifier`` and return logits of shape (B,).
-
-    Accepts any module mapping ``(B, 1, *S)`` to ``(B,)`` or ``(B, 1)``; anything else is a
-    :class:`CounterwarpError` that says what shape was returned.
-    """
-    output = classifier(images)
-    batch = images.shape[0]
-    if not isinstance(output, torch.Tensor):
-        raise CounterwarpError(
-            f"the classifier returned {type(output).__name__}; it must return a tensor of "
-            f"logits with shape (B,) or (B, 1)"
-        )
-    if output.shape == (batch,):
-        return output
-    if output.shape == (batch, 1):
-        return output[:, 0]
-    raise CounterwarpError(
-        f"the classifier returned shape {tuple(output.shape)} for a batch of {batch}; "
-        f"it must return one logit per image, shape ({batch},) or ({batch}, 1)"
-    )
-
-
-def freeze(classifier: nn.Module) -> nn.Module:
-    """Put ``classifier`` in eval mode and turn off its parameters' gradients (in place)."""
-    classifier.eval()
-    for parameter in classifier.parameters():
-        parameter.requires_grad_(False)
-    return classifier
-
-
-@torch.no_grad()
-def predict_in_batches(
-    classifier: nn.Module, images: torch.Tensor, batch_size: int = 32
-) -> torch.Tensor:
-    """Logits (N,) of ``images`` (N, 1, *S), computed in batches without gradients."""
-    device = _module_device(classifier)
-    chunks = [
-        classifier_logits(classifier, images[i : i + batch_size].to(device)).float().cpu()
-        for i in range(0, images.shape[0], batch_size)
-    ]
-    return torch.cat(chunks)
-
-
-def _module_device(module: nn.Module) -> torch.device:
-    for parameter in module.parameters():
-        return parameter.device
-    for buffer in module.buffers():
-        return buffer.device
-    return torch.device("cpu")
-
-
-def simulate(
-    net: SimulatorNet, images: torch.Tensor, condition: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """Warp ``images`` (B, 1, *S) in direction ``condition`` (B,) of +-1.
-
-    Returns ``(simulated (B,1,*S), displacement (B,d,*S) voxels, inverse displacement or
-    None, raw field)``.
-    """
-    raw = net(images, condition)
-    with torch.autocast(device_type=raw.device.type, enabled=False):  # geometry in float32
-        displacement, inverse = net.displacements(raw.float())
-        return warp(images.float(), displacement), displacement, inverse, raw
-
-
-class _LossTerms:
-    """Computes every term of the objective for one batch."""
-
-    def __init__(
-        self, net: SimulatorNet, classifier: nn.Module, config: FitConfig, margin: float
-    ) -> None:
-        self.net = net
-        self.classifier = classifier
-        self.config = config
-        self.margin = margin
-
-    def regulariser(self, displacement: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Penalties on a displacement ``(B, d, *S)``, each computed once: ``smooth`` and
-        ``magnitude`` (for the log) and ``regulariser``, their weighted sum plus (when
-        ``w_fold > 0``) the folding penalty (for the loss)."""
-        config = self.config
-        smooth = smoothness_loss(displacement, kind=config.smooth_kind)
-        magnitude = displacement_magnitude_loss(displacement)
-        total = config.w_smooth * smooth + config.w_magnitude * magnitude
-        if config.w_fold > 0:
-            total = total + config.w_fold * folding_penalty(displacement)
-        return {"regulariser": total, "smooth": smooth, "magnitude": magnitude}
-
-    def autocast(self, device: torch.device) -> torch.autocast:
-        """The forward passes' precision context (``config.precision``) on ``device``."""
-        return torch.autocast(
-            device_type=device.type, dtype=torch.bfloat16,
-            enabled=self.config.precision == "bf16",
-        )
-
-    def forward_terms(
-        self, images: torch.Tensor, condition: torch.Tensor, logit_before: torch.Tensor
-    ) -> dict[str, torch.Tensor]:
-        with self.autocast(images.device):
-            simulated, displacement, _, _ = simulate(self.net, images, condition)
-            logit_after = classifier_logits(self.classifier, simulated).float()
-        return {
-            "simulated": simulated,
-            "shift": logit_shift_loss(logit_before, logit_after, condition, self.margin),
-            **self.regulariser(displacement),
-            "moved": moved_by_margin(logit_before, logit_after, condition, self.margin),
-        }
-
-    def cycle_terms(
-        self, images: torch.Tensor, simulated: torch.Tensor, condition: torch.Tensor
-    ) -> dict[str, torch.Tensor]:
-        with self.autocast(images.device):
-            cycled, back_displacement, _, _ = simulate(self.net, simulated, -condition)
-        return {
-            "cycle": cycle_loss(images, cycled),
-            **self.regulariser(back_displacement),
-        }
-
-
-def _balanced_batch(
-    inject_pool: torch.Tensor, remove_pool: torch.Tensor, batch_size: int,
-    generator: torch.Generator,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indices and conditions of one batch: half inject, half remove when both exist."""
-    pools = [(p, c) for p, c in ((inject_pool, INJECT), (remove_pool, REMOVE)) if len(p) > 0]
-    per_pool = [batch_size // len(pools)] * len(pools)
-    per_pool[0] += batch_size - sum(per_pool)
-    indices, conditions = [], []
-    for (pool, condition), count in zip(pools, per_pool, strict=True):
-        picks = torch.randint(len(pool), (count,), generator=generator)
-        indices.append(pool[picks])
-        conditions.append(torch.full((count,), condition))
-    return torch.cat(indices), torch.cat(conditions)
-
-
-def _random_state(generator: torch.Generator) -> dict[str, torch.Tensor]:
-    return {"torch": torch.get_rng_state(), "sampler": generator.get_state()}
-
-
-def _restore_random_state(state: dict[str, torch.Tensor], generator: torch.Generator) -> None:
-    torch.set_rng_state(state["torch"])
-    generator.set_state(state["sampler"])
-
-
-def _restore_rank_random_state(
-    state: dict[str, Any], group: distributed.ProcessGroup, config: FitConfig, step: int
-) -> None:
-    """Each rank's own torch random state from a checkpoint of a distributed run.
-
-    A checkpoint written by another number of processes has no state for this rank: the
-    rank then gets a fresh stream (the run continues correctly, though not bit-exactly as
-    an uninterrupted one would).
-    """
-    by_rank = state.get("torch_by_rank")
-    if isinstance(by_rank, list) and len(by_rank) == group.world_size:
-        torch.set_rng_state(by_rank[group.rank])
-    else:
-        group.seed_per_rank(config.seed + step)
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Load a simulator checkpoint with ``weights_only=True`` (never unpickles code)."""
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CounterwarpError(f"{path}: no such checkpoint") from None
-    except Exception as error:  # noqa: BLE001 - any unpickling failure is a bad file
-        raise CounterwarpError(
-            f"{path}: not a loadable counterwarp checkpoint ({type(error).__name__}: "
-            f"{str(error).splitlines()[0] if str(error) else ''}); delete it or re-run "
-            f"without --resume"
-        ) from None
-    if not isinstance(payload, dict) or payload.get("format") != "counterwarp.simulator":
-        raise CounterwarpError(f"{path}: not a counterwarp simulator checkpoint")
-    return payload
-
-
-def _read_log(path: Path, up_to_step: int) -> list[dict[str, float]]:
-    if not path.exists():
-        return []
-    with open(path, newline="", encoding="utf-8") as handle:
-        rows = [
-            {k: float(v) for k, v in row.items()} for row in csv.DictReader(handle)
-            if int(float(row["step"])) <= up_to_step
-        ]
-    return rows
-
-
-def _write_log(path: Path, rows: list[dict[str, float]]) -> None:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=LOG_COLUMNS)
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: _format(row[k]) for k in LOG_COLUMNS})
-    write_text_atomic(path, buffer.getvalue())
-
-
-def _format(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() and abs(value) < 1e15 else f"{value:.6g}"
 
 
 @distributed.in_process_group
@@ -419,21 +211,21 @@ def fit_simulator(
                 main_opt.load_state_dict(state["optimizer"])
                 if cycle_opt is not None:
                     cycle_opt.load_state_dict(state["cycle_optimizer"])
-                _restore_random_state(state["random_state"], sampler)
+                restore_random_state(state["random_state"], sampler)
                 if group.distributed:
-                    _restore_rank_random_state(state["random_state"], group, config, start_step)
+                    restore_rank_random_state(state["random_state"], group, config, start_step)
             except (KeyError, TypeError, ValueError, RuntimeError) as error:
                 message = " ".join(str(error).split())[:200]
                 raise CounterwarpError(
                     f"{checkpoint_path}: damaged checkpoint ({type(error).__name__}: "
                     f"{message}); delete it or start a new run folder"
                 ) from None
-            history = _read_log(run_path / LOG_NAME, start_step)
+            history = read_log(run_path / LOG_NAME, start_step)
         elif not resume and group.is_main:
             for stale in (checkpoint_path, run_path / LOG_NAME):
                 stale.unlink(missing_ok=True)
 
-    terms = _LossTerms(net, classifier, config, margin)
+    terms = LossTerms(net, classifier, config, margin)
     average_gradients = (
         (lambda: group.average_gradients(net.parameters())) if group.distributed else None
     )
@@ -444,14 +236,14 @@ def fit_simulator(
         if run_path is None:
             return
         payload: dict[str, Any] = {
-            "format": "counterwarp.simulator",
+            "format": CHECKPOINT_FORMAT,
             "step": step,
             "fit_config": config.to_dict(),
             "net_config": net.config,
             "margin": margin,
             "state_dict": net.state_dict(),
             "optimizer": main_opt.state_dict(),
-            "random_state": _random_state(sampler),
+            "random_state": random_state(sampler),
         }
         if group.distributed:  # a collective: every rank takes part
             payload["random_state"]["torch_by_rank"] = group.all_gather(torch.get_rng_state())
@@ -461,7 +253,7 @@ def fit_simulator(
             group.barrier()  # returns once rank 0 has written the checkpoint
             return
         # the log first: a kill between the two keeps every row (resume drops extra rows)
-        _write_log(run_path / LOG_NAME, history)
+        write_log(run_path / LOG_NAME, history)
         save_torch_atomic(run_path / CHECKPOINT_NAME, payload)
         group.barrier()
 
@@ -472,7 +264,7 @@ def fit_simulator(
     )
     started = time.perf_counter()
     for step in bar:
-        index, condition = _balanced_batch(
+        index, condition = balanced_batch(
             inject_pool, remove_pool, config.batch_size, sampler
         )
         index, condition = group.local_slice(index), group.local_slice(condition)
@@ -484,7 +276,7 @@ def fit_simulator(
             if optimiser is not None:
                 for param_group in optimiser.param_groups:
                     param_group["lr"] = base * lr
-        values = _train_step(terms, config, main_opt, cycle_opt, batch, condition,
+        values = train_step(terms, config, main_opt, cycle_opt, batch, condition,
                              logit_before, step, after_backward=average_gradients)
         values = group.mean_values(values, values.keys())
         values.update(step=step + 1, lr=lr, seconds=time.perf_counter() - started)
@@ -522,65 +314,3 @@ def learning_rate(config: FitConfig, step: int) -> float:
         return config.lr
     return config.lr * 0.5 * (1.0 + math.cos(math.pi * step / config.steps))
 
-
-def _train_step(
-    terms: _LossTerms,
-    config: FitConfig,
-    main_opt: torch.optim.Optimizer,
-    cycle_opt: torch.optim.Optimizer | None,
-    images: torch.Tensor,
-    condition: torch.Tensor,
-    logit_before: torch.Tensor,
-    step: int,
-    after_backward: Callable[[], None] | None = None,
-) -> dict[str, float]:
-    """One optimisation step of the chosen schedule; returns the logged loss values.
-
-    ``after_backward`` runs after every ``backward()``, before the optimiser's step (the
-    gradient averaging over the ranks of a distributed run).
-    """
-    forward = terms.forward_terms(images, condition, logit_before)
-    if cycle_opt is None:
-        back = terms.cycle_terms(images, forward["simulated"], condition)
-        smooth = (forward["smooth"] + back["smooth"]) / 2
-        magnitude = (forward["magnitude"] + back["magnitude"]) / 2
-        loss = (
-            config.w_shift * forward["shift"] + config.w_cycle * back["cycle"]
-            + (forward["regulariser"] + back["regulariser"]) / 2
-        )
-        main_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if after_backward is not None:
-            after_backward()
-        main_opt.step()
-        cycle_value = float(back["cycle"].detach())
-    else:
-        smooth, magnitude = forward["smooth"], forward["magnitude"]
-        loss = config.w_shift * forward["shift"] + forward["regulariser"]
-        main_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if after_backward is not None:
-            after_backward()
-        main_opt.step()
-        if step >= config.cycle_warmup:
-            with terms.autocast(images.device):
-                simulated = simulate(terms.net, images, condition)[0]
-            back = terms.cycle_terms(images, simulated, condition)
-            cycle_total = config.w_cycle * back["cycle"]
-            cycle_opt.zero_grad(set_to_none=True)
-            cycle_total.backward()
-            if after_backward is not None:
-                after_backward()
-            cycle_opt.step()
-            cycle_value = float(back["cycle"].detach())
-            loss = loss.detach() + cycle_total.detach()
-        else:
-            cycle_value = float("nan")
-    return {
-        "loss": float(loss.detach()),
-        "shift": float(forward["shift"].detach()),
-        "cycle": cycle_value if math.isfinite(cycle_value) else 0.0,
-        "smooth": float(smooth.detach()),
-        "magnitude": float(magnitude.detach()),
-        "moved_share": float(forward["moved"].float().mean()),
-    }

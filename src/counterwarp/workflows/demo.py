@@ -15,12 +15,20 @@ import numpy as np
 
 from counterwarp._io import write_json_atomic
 from counterwarp.data.synthetic import synth
+from counterwarp.data.truth import BRAIN_MASK_NAME, EFFECT_NAME, TRUTH_DIR
 from counterwarp.explain.assess import assess_simulator
-from counterwarp.report.html import report_run
 from counterwarp.train.classifier import train_classifier
 from counterwarp.workflows.explain import explain_run
 from counterwarp.workflows.fit import fit_run
-from counterwarp.workflows.folder import load_images, load_run_simulator, model_shape, rows_in_split
+from counterwarp.workflows.folder import (
+    DEMO_SUMMARY_NAME,
+    SIMULATOR_NAME,
+    load_images,
+    load_run_simulator,
+    model_shape,
+    rows_in_split,
+)
+from counterwarp.workflows.report import report_run
 
 DEMO_SIZES: dict[str, dict[str, Any]] = {
     "full": {
@@ -70,7 +78,7 @@ def run_demo(
     print(f"[demo] classifier held-out: balanced accuracy {test['balanced_accuracy']:.3f}, "
           f"AUC {test['auc']:.3f}")
 
-    started = step(f"fit simulator -> {run / 'simulator.pt'}")
+    started = step(f"fit simulator -> {run / SIMULATOR_NAME}")
     fit_summary = fit_run(manifest, run, seed=seed, progress=progress, **plan["fit"])
     timings["fit_s"] = time.perf_counter() - started
 
@@ -81,8 +89,8 @@ def run_demo(
     simulator, payload = load_run_simulator(run)
     rows = rows_in_split(run, manifest, "test")
     images, labels = load_images(rows, model_shape(payload), progress=False)
-    truth = _read_map(cohort / "truth" / "effect_log_volume_change.nii.gz")
-    mask = _read_map(cohort / "truth" / "brain_mask.nii.gz") > 0
+    truth = _read_map(cohort / TRUTH_DIR / EFFECT_NAME)
+    mask = _read_map(cohort / TRUTH_DIR / BRAIN_MASK_NAME) > 0
     assessment = assess_simulator(simulator, images, labels, truth_effect=truth,
                                   brain_mask=mask)
     summary = {
@@ -97,7 +105,7 @@ def run_demo(
     timings["report_s"] = time.perf_counter() - started
     timings["total_s"] = sum(v for k, v in timings.items() if k != "total_s")
     summary["report"] = str(report)
-    write_json_atomic(out / "demo_summary.json", summary)
+    write_json_atomic(out / DEMO_SUMMARY_NAME, summary)
     _print_summary(summary, explained)
     return summary
 

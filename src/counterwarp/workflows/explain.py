@@ -32,7 +32,12 @@ from counterwarp.data.stream import (
 from counterwarp.errors import CounterwarpError
 from counterwarp.explain.simulator import Explanation
 from counterwarp.report.figures import explanation_panel
-from counterwarp.workflows.folder import load_run_simulator, model_shape, rows_in_split
+from counterwarp.workflows.folder import (
+    EXPLAIN_SUMMARY_NAME,
+    load_run_simulator,
+    model_shape,
+    rows_in_split,
+)
 
 SUMMARY_COLUMNS = (
     "id", "path", "label", "direction", "logit_before", "logit_after", "probability_before",
@@ -142,7 +147,7 @@ def explain_run(
     shape = model_shape(payload)
     inputs = explain_inputs(run, manifest, split, images, payload.get("positive_label"))
     mine, ids = shard_inputs(inputs, shard, shape)
-    table = table_name("summary.csv", shard)
+    table = table_name(EXPLAIN_SUMMARY_NAME, shard)
     summary: list[dict[str, Any]] = []
     done = 0
     bar = tqdm(total=len(mine) * len(directions), desc="explain", disable=not progress)
@@ -155,7 +160,8 @@ def explain_run(
                     _write_explanation(out, ids[k], mine[k], volume, explanation, panels)
                 )
                 if progression:
-                    write_progression(out, ids[k], simulator, tensor, name, progression)
+                    write_progression(out, ids[k], simulator, tensor, name, progression,
+                                      affine=volume.model_affine)
                 bar.update()
             done += 1
     except CounterwarpError as error:
@@ -184,6 +190,7 @@ def _write_explanation(
             title=f"{image_id_}: {explanation.direction} "
                   f"(logit {float(explanation.logit_before[0]):+.2f} -> "
                   f"{float(explanation.logit_after[0]):+.2f})",
+            affine=volume.model_affine,
         )
     before, after = float(explanation.logit_before[0]), float(explanation.logit_after[0])
     brain = explanation.image[0, 0].numpy() != 0

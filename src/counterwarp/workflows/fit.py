@@ -10,9 +10,10 @@ from counterwarp import distributed
 from counterwarp._io import folder_lock, remove_stale_temps, write_json_atomic
 from counterwarp.explain.simulator import Simulator
 from counterwarp.train.common import choose_device
-from counterwarp.train.simulator import CHECKPOINT_NAME, LOG_NAME
 from counterwarp.workflows.folder import (
+    CHECKPOINT_NAME,
     FIT_METRICS_NAME,
+    LOG_NAME,
     SIMULATOR_NAME,
     load_images,
     load_run_classifier,

@@ -15,18 +15,65 @@ import torch
 from counterwarp.data.manifest import ManifestDataset, ManifestRow, read_manifest
 from counterwarp.errors import CounterwarpError
 from counterwarp.explain.simulator import Simulator
-from counterwarp.nn.classifier import Classifier, load_classifier
+from counterwarp.nn.classifier import CLASSIFIER_NAME, Classifier, load_classifier
+from counterwarp.train.checkpoint import CHECKPOINT_NAME, LOG_NAME
+from counterwarp.train.classifier import (
+    CLASSIFIER_LOG_NAME,
+    CLASSIFIER_METRICS_NAME,
+    SPLIT_NAME,
+)
+
+__all__ = [
+    "BENCHMARK_FOLDER",
+    "CHECKPOINT_NAME",
+    "CLASSIFIER_LOG_NAME",
+    "CLASSIFIER_METRICS_NAME",
+    "CLASSIFIER_NAME",
+    "DEMO_SUMMARY_NAME",
+    "EXPLAIN_FOLDER",
+    "EXPLAIN_SUMMARY_NAME",
+    "FIT_METRICS_NAME",
+    "GROUP_FOLDER",
+    "LOG_NAME",
+    "REPORT_NAME",
+    "SALIENCY_FOLDER",
+    "SALIENCY_INDEX_NAME",
+    "SIMULATOR_NAME",
+    "SPLIT_NAME",
+    "SPLIT_PARTS",
+    "load_images",
+    "load_run_classifier",
+    "load_run_simulator",
+    "model_shape",
+    "parse_parts",
+    "read_split",
+    "rows_in_split",
+]
 
 SPLIT_PARTS = ("train", "val", "test")
+# The run folder's files. Those the training loops write (classifier.pt, split.json, the
+# classifier's log and metrics, the simulator's checkpoint and log) are named where they are
+# written, in train/ and nn/, and imported here.
 SIMULATOR_NAME = "simulator.pt"
 FIT_METRICS_NAME = "simulator_fit.json"
+REPORT_NAME = "report.html"
+#: Tables of an ``explain`` / ``saliency`` output folder (one per shard, see ``table_name``).
+EXPLAIN_SUMMARY_NAME = "summary.csv"
+SALIENCY_INDEX_NAME = "saliency_index.csv"
+#: Next to a demo's run folder: its summary.
+DEMO_SUMMARY_NAME = "demo_summary.json"
+# Output folders the commands use by default, inside or beside a run folder.
+GROUP_FOLDER = "group"
+EXPLAIN_FOLDER = "explain"
+SALIENCY_FOLDER = "saliency"
+BENCHMARK_FOLDER = "benchmark"
 
 
 def load_run_classifier(
     run: str | Path, map_location: str | torch.device = "cpu"
 ) -> tuple[Classifier, dict[str, Any]]:
     """The classifier of a run folder (eval mode) and its checkpoint payload."""
-    return load_classifier(Path(run) / "classifier.pt", map_location=map_location)
+    return load_classifier(Path(run) / CLASSIFIER_NAME, map_location=map_location)
 
 
 def model_shape(payload: dict[str, Any]) -> tuple[int, ...]:
@@ -36,7 +83,7 @@ def model_shape(payload: dict[str, Any]) -> tuple[int, ...]:
 
 def read_split(run: str | Path) -> dict[str, Any]:
     """``RUN/split.json`` as a dict; a clear error when the run has none."""
-    path = Path(run) / "split.json"
+    path = Path(run) / SPLIT_NAME
     if not path.is_file():
         raise CounterwarpError(
             f"{path} not found: run `counterwarp train-classifier --manifest M --out {run}` "
@@ -91,7 +138,7 @@ def rows_in_split(
     selected = [row for row in rows if str(row.path) in wanted]
     if not selected:
         raise CounterwarpError(
-            f"no row of {manifest} belongs to the {parts!r} part of {Path(run) / 'split.json'}"
+            f"no row of {manifest} belongs to the {parts!r} part of {Path(run) / SPLIT_NAME}"
         )
     return selected
 

@@ -9,297 +9,49 @@ voxel. Two sources:
   built in MNI152 template space, so there voxels correspond across subjects); counterwarp
   does not register images, and refuses images whose model grids differ;
 - a folder of maps already registered to one space by the user (``maps_dir``), e.g. an
-  ``explain`` output folder of template-space images, or maps warped with ANTs / FSL.
+  ``explain`` output folder of template-space images, or maps warped with ANTs / FSL
+  (read by :mod:`counterwarp.data.maps`).
 
-Statistics per voxel over the N subjects' maps ``m_i``: mean, one-sample t
-``mean / (sd / sqrt(N))`` (sd with N - 1 degrees of freedom), two-sided p from Student's t
-with N - 1 degrees of freedom, and a Benjamini-Hochberg FDR mask at level ``q`` over the
-brain voxels. The units of the mean are natural-log volume change (growth > 0); figures show
-percent volume change ``100 * (exp(x) - 1)``.
+Statistics (:mod:`counterwarp.stats.group`) per voxel over the N subjects' maps ``m_i``:
+mean, one-sample t ``mean / (sd / sqrt(N))`` (sd with N - 1 degrees of freedom), two-sided
+p from Student's t with N - 1 degrees of freedom, and a Benjamini-Hochberg FDR mask at level
+``q`` over the brain voxels. The units of the mean are natural-log volume change (growth >
+0); figures show percent volume change ``100 * (exp(x) - 1)``.
 """
 
 from __future__ import annotations
 
 import csv
 import io
-import math
-import warnings
 from pathlib import Path
 from typing import Any
 
 import nibabel as nib
 import numpy as np
-from scipy import stats
 from tqdm.auto import tqdm
 
-from counterwarp._io import save_nifti_atomic, write_json_atomic, write_text_atomic
-from counterwarp.errors import CounterwarpError
-from counterwarp.stats.scores import region_means
-
-__all__ = [
-    "DIRECTIONS",
-    "fdr_mask",
-    "group_run",
-    "group_statistics",
-    "load_map_folder",
-    "read_atlas_names",
-    "region_table",
-]
-
-DIRECTIONS = ("inject", "remove")
-SUBSETS = ("all", "healthy", "diseased")
-REGION_COLUMNS = (
-    "label", "name", "mean_log_volume_change", "percent_volume_change", "n_voxels",
-    "sd_across_subjects", "t", "p",
+from counterwarp._io import json_safe, save_nifti_atomic, write_json_atomic, write_text_atomic
+from counterwarp.data.maps import (
+    AFFINE_TOLERANCE_MM,
+    load_atlas,
+    load_map_folder,
+    read_atlas_names,
 )
-_AFFINE_TOLERANCE_MM = 1e-3
+from counterwarp.data.truth import COHORT_NAME
+from counterwarp.errors import CounterwarpError
+from counterwarp.nn.simulator import DIRECTIONS
+from counterwarp.stats.group import REGION_COLUMNS, group_statistics, region_table
 
+__all__ = ["SUBSETS", "group_run"]
 
-# --------------------------------------------------------------------------- statistics
-
-
-def fdr_mask(p_values: np.ndarray, q: float = 0.05, mask: np.ndarray | None = None) -> np.ndarray:
-    """Benjamini-Hochberg: which p-values are discoveries at false discovery rate ``q``.
-
-    Args:
-        p_values: ``(*S)`` p-values in [0, 1] (non-finite ones are never discoveries).
-        q: false discovery rate, in (0, 1).
-        mask: ``(*S)`` bool, the voxels tested (default: all); the others are never
-            discoveries and do not count as tests.
-
-    Returns:
-        ``(*S)`` bool array, True where the BH-adjusted p-value is ``<= q``.
-    """
-    if not 0 < q < 1:
-        raise CounterwarpError(f"q (the false discovery rate) must be in (0, 1), got {q!r}")
-    p = np.asarray(p_values, dtype=np.float64)
-    tested = np.ones(p.shape, bool) if mask is None else np.asarray(mask, bool).copy()
-    tested &= np.isfinite(p)
-    out = np.zeros(p.shape, bool)
-    if tested.any():
-        adjusted = stats.false_discovery_control(np.clip(p[tested], 0.0, 1.0), method="bh")
-        out[tested] = adjusted <= q
-    return out
-
-
-def group_statistics(
-    maps: np.ndarray, mask: np.ndarray | None = None, q: float = 0.05
-) -> dict[str, np.ndarray]:
-    """Voxel-wise mean, one-sample t, two-sided p and FDR mask of N maps.
-
-    Args:
-        maps: ``(N, *S)`` per-subject maps (N >= 2), e.g. log volume change. Non-finite
-            values are treated as missing at that voxel.
-        mask: ``(*S)`` bool, the voxels to test (default all); FDR runs over these only.
-        q: false discovery rate for the Benjamini-Hochberg mask.
-
-    Returns:
-        ``mean``, ``sd`` (N - 1 dof), ``t``, ``p`` (float64 ``(*S)``) and ``fdr`` (bool
-        ``(*S)``). Where the t statistic is undefined (fewer than 2 finite values, or zero
-        spread and zero mean) ``t = 0`` and ``p = 1``; zero spread with a non-zero mean gives
-        ``t = +-inf`` and ``p = 0``. Outside ``mask``, ``t = 0``, ``p = 1``, ``fdr = False``.
-    """
-    values = np.asarray(maps, dtype=np.float64)
-    if values.ndim < 2 or values.shape[0] < 2:
-        raise CounterwarpError(
-            f"a group analysis needs at least 2 maps, got an array of shape {values.shape}"
-        )
-    spatial = values.shape[1:]
-    tested = np.ones(spatial, bool) if mask is None else np.asarray(mask, bool)
-    if tested.shape != spatial:
-        raise CounterwarpError(f"mask has shape {tested.shape}, the maps {spatial}")
-    finite = np.isfinite(values)
-    count = finite.sum(axis=0)
-    filled = np.where(finite, values, 0.0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean = filled.sum(axis=0) / np.maximum(count, 1)
-        squares = np.where(finite, (values - mean) ** 2, 0.0).sum(axis=0)
-        sd = np.sqrt(squares / np.maximum(count - 1, 1))
-        t = mean / (sd / np.sqrt(np.maximum(count, 1)))
-    zero_spread = ~(sd > 0)
-    t = np.where(zero_spread & (mean == 0), 0.0, t)
-    t = np.where(zero_spread & (mean != 0), np.copysign(np.inf, mean), t)
-    t = np.where(count >= 2, t, 0.0)
-    dof = np.maximum(count - 1, 1)
-    p = 2.0 * stats.t.sf(np.abs(t), dof)
-    p = np.where(count >= 2, p, 1.0)
-    t = np.where(tested, t, 0.0)
-    p = np.where(tested, p, 1.0)
-    mean = np.where(count > 0, mean, np.nan)
-    return {"mean": mean, "sd": sd, "t": t, "p": p, "fdr": fdr_mask(p, q, tested)}
-
-
-def read_atlas_names(path: str | Path) -> dict[int, str]:
-    """``label -> name`` from a CSV with (at least) columns ``label,name``."""
-    path = Path(path)
-    try:
-        with open(path, newline="", encoding="utf-8") as handle:
-            reader = csv.DictReader(handle)
-            fields = set(reader.fieldnames or ())
-            if not {"label", "name"} <= fields:
-                raise CounterwarpError(
-                    f"{path}: an atlas names CSV needs columns 'label,name', found "
-                    f"{sorted(fields) or 'no header'}"
-                )
-            names: dict[int, str] = {}
-            for line, row in enumerate(reader, start=2):
-                try:
-                    names[int(float(row["label"]))] = str(row["name"]).strip()
-                except (TypeError, ValueError):
-                    raise CounterwarpError(
-                        f"{path}, line {line}: label {row['label']!r} is not an integer"
-                    ) from None
-    except OSError as error:
-        raise CounterwarpError(f"cannot read atlas names {path}: {error}") from None
-    return names
-
-
-def region_table(
-    maps: np.ndarray,
-    labels: np.ndarray,
-    names: dict[int, str] | None = None,
-    mask: np.ndarray | None = None,
-) -> list[dict[str, Any]]:
-    """Mean log volume change per atlas region, with a one-sample t over subjects.
-
-    Args:
-        maps: ``(N, *S)`` per-subject log volume change maps.
-        labels: ``(*S)`` integer label image, 0 = no region.
-        names: label -> region name.
-        mask: ``(*S)`` bool brain mask; voxels outside it count in no region (nor in the
-            ``outside`` row, which then means "brain voxels outside every region").
-
-    Returns:
-        Rows ordered as :func:`counterwarp.stats.scores.region_means` orders them (largest
-        ``|mean|`` first, ``outside`` last), each with the keys of :data:`REGION_COLUMNS`:
-        the region mean of the group mean map (natural log), its percent volume change, the
-        voxel count, and the across-subject sd, t and two-sided p of the subjects' region
-        means.
-    """
-    values = np.asarray(maps, dtype=np.float64)
-    labels = np.asarray(labels)
-    if labels.shape != values.shape[1:]:
-        raise CounterwarpError(
-            f"the atlas has shape {labels.shape}, the maps {values.shape[1:]}: give an atlas "
-            f"on the maps' grid"
-        )
-    inside = np.ones(labels.shape, bool) if mask is None else np.asarray(mask, bool)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # all-missing voxels give nan
-        mean_map = np.where(inside, np.nanmean(values, axis=0), np.nan)
-    rows: list[dict[str, Any]] = []
-    for entry in region_means(mean_map, labels, names):
-        label = int(entry["label"])  # type: ignore[arg-type]
-        where = (labels == label) & inside & np.isfinite(mean_map)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            per_subject = np.array(
-                [float(np.nanmean(m[where])) if where.any() else np.nan for m in values]
-            )
-        per_subject = per_subject[np.isfinite(per_subject)]
-        if per_subject.size >= 2:
-            sd = float(per_subject.std(ddof=1))
-            if sd > 0:
-                t = float(per_subject.mean() / (sd / math.sqrt(per_subject.size)))
-                p = float(2.0 * stats.t.sf(abs(t), per_subject.size - 1))
-            else:
-                t, p = float("nan"), float("nan")
-        else:
-            sd, t, p = float("nan"), float("nan"), float("nan")
-        mean = float(entry["mean"])  # type: ignore[arg-type]
-        rows.append({
-            "label": label,
-            "name": entry["name"],
-            "mean_log_volume_change": mean,
-            "percent_volume_change": 100.0 * math.expm1(mean) if math.isfinite(mean)
-            else float("nan"),
-            "n_voxels": entry["n_voxels"],
-            "sd_across_subjects": sd,
-            "t": t,
-            "p": p,
-        })
-    return rows
+SUBSETS = ("all", "healthy", "diseased")
 
 
 # --------------------------------------------------------------------------- inputs
 
 
-def _is_nifti(path: Path) -> bool:
-    return path.is_file() and (path.name.endswith(".nii") or path.name.endswith(".nii.gz"))
-
-
-def _stem(path: Path) -> str:
-    name = path.name
-    for suffix in (".nii.gz", ".nii"):
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
-def load_map_folder(
-    maps_dir: str | Path, direction: str | None = None
-) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Read a folder of per-subject maps that are already in one space.
-
-    When the folder holds files named ``*_<direction>_log_volume_change.nii[.gz]`` (as
-    ``counterwarp explain`` writes them) only those are read; otherwise every NIfTI file.
-
-    Returns:
-        ``(maps (N, *S) float64, affine (4, 4), ids)``, files in sorted order.
-
-    Raises:
-        CounterwarpError: no folder, fewer than 2 maps, an unreadable file, or maps whose
-            shapes or affines differ (they are then not in one space).
-    """
-    folder = Path(maps_dir).expanduser()
-    if not folder.is_dir():
-        raise CounterwarpError(f"--maps {folder}: not a folder of NIfTI maps")
-    files = sorted(p for p in folder.iterdir() if _is_nifti(p))
-    if direction is not None:
-        named = [p for p in files if _stem(p).endswith(f"_{direction}_log_volume_change")]
-        if named:
-            files = named
-    if len(files) < 2:
-        raise CounterwarpError(
-            f"--maps {folder}: found {len(files)} NIfTI map(s); a group analysis needs at "
-            f"least 2"
-        )
-    arrays: list[np.ndarray] = []
-    affine: np.ndarray | None = None
-    for path in files:
-        try:
-            image = nib.load(str(path))
-            data = np.asarray(image.get_fdata(dtype=np.float32), dtype=np.float64)
-        except Exception as error:  # noqa: BLE001 - any reading failure is a bad file
-            raise CounterwarpError(f"{path}: cannot be read as NIfTI ({error})") from None
-        while data.ndim > 2 and data.shape[-1] == 1:
-            data = data[..., 0]
-        if not arrays:
-            affine = np.asarray(image.affine, dtype=np.float64)
-        else:
-            if data.shape != arrays[0].shape:
-                raise CounterwarpError(
-                    f"--maps: {path.name} has shape {data.shape} but {files[0].name} has "
-                    f"{arrays[0].shape}; all maps must be registered to one grid (same shape "
-                    f"and affine)"
-                )
-            if not np.allclose(image.affine, affine, atol=_AFFINE_TOLERANCE_MM):
-                raise CounterwarpError(
-                    f"--maps: {path.name} has another affine than {files[0].name}; all maps "
-                    f"must be registered to one grid (same shape and affine)"
-                )
-        if data.ndim not in (2, 3):
-            raise CounterwarpError(
-                f"--maps: {path.name} has shape {data.shape}; expected scalar 2D or 3D maps "
-                f"(log volume change), not vector or 4D images"
-            )
-        arrays.append(data)
-    assert affine is not None
-    return np.stack(arrays), affine, [_stem(p) for p in files]
-
-
 def _cohort_space_note(manifest: Path) -> str:
-    if (manifest.parent / "cohort.json").is_file():
+    if (manifest.parent / COHORT_NAME).is_file():
         return (
             "MNI152 template space: the synthetic cohort is built on the MNI152 template grid, "
             "so voxels correspond across subjects (maps on the classifier's model grid)"
@@ -321,6 +73,7 @@ def _maps_from_simulator(
     from counterwarp.data.manifest import image_id
     from counterwarp.data.preprocess import load_model_input
     from counterwarp.workflows.folder import (
+        SPLIT_NAME,
         load_run_simulator,
         model_shape,
         read_split,
@@ -332,7 +85,7 @@ def _maps_from_simulator(
         recorded = split_info.get("manifest")
         if not recorded:
             raise CounterwarpError(
-                f"{run / 'split.json'} names no manifest; pass --manifest M (or --maps DIR)"
+                f"{run / SPLIT_NAME} names no manifest; pass --manifest M (or --maps DIR)"
             )
         manifest = Path(recorded)
     manifest = Path(manifest)
@@ -354,7 +107,7 @@ def _maps_from_simulator(
         affines.append(volume.model_affine)
         ids.append(image_id(row.path))
     for path_row, affine in zip(rows, affines, strict=True):
-        if not np.allclose(affine, affines[0], atol=_AFFINE_TOLERANCE_MM):
+        if not np.allclose(affine, affines[0], atol=AFFINE_TOLERANCE_MM):
             raise CounterwarpError(
                 f"{path_row.path} lies on another grid (affine) than {rows[0].path}: the images "
                 f"are not in one space. Register them to a template, run `counterwarp "
@@ -378,87 +131,41 @@ def _maps_from_simulator(
     }
 
 
-def _load_atlas(
-    atlas: str | Path, shape: tuple[int, ...], affine: np.ndarray
-) -> np.ndarray:
-    """Integer label image on the maps' grid (3D atlases on another grid: nearest resampling)."""
-    path = Path(atlas).expanduser()
-    try:
-        image = nib.load(str(path))
-        data = np.asarray(image.get_fdata())
-    except Exception as error:  # noqa: BLE001 - any reading failure is a bad file
-        raise CounterwarpError(f"--atlas {path}: cannot be read as NIfTI ({error})") from None
-    while data.ndim > len(shape) and data.shape[-1] == 1:
-        data = data[..., 0]
-    same_grid = data.shape == shape and np.allclose(image.affine, affine, atol=1e-3)
-    if not same_grid:
-        if data.ndim != 3 or len(shape) != 3:
-            raise CounterwarpError(
-                f"--atlas {path}: shape {data.shape} differs from the maps' {shape}; give a "
-                f"label image on the maps' grid"
-            )
-        from nilearn.image import resample_img
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            resampled = resample_img(
-                nib.Nifti1Image(data.astype(np.float32), image.affine), target_affine=affine,
-                target_shape=shape, interpolation="nearest", force_resample=True,
-                copy_header=True,
-            )
-        data = np.asarray(resampled.get_fdata())
-    if not np.all(np.mod(data, 1) == 0):
-        raise CounterwarpError(f"--atlas {path}: not a label image (non-integer values)")
-    return data.astype(np.int64)
-
-
 # --------------------------------------------------------------------------- figures
-
-
-def _ras(volume: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """A 3D volume reoriented to RAS voxel order (for drawing), and its new affine."""
-    if volume.ndim != 3:
-        return volume, affine
-    image = nib.as_closest_canonical(nib.Nifti1Image(volume.astype(np.float32), affine))
-    return np.asarray(image.dataobj, dtype=np.float64), np.asarray(image.affine)
 
 
 def _group_figures(
     out: Path, direction: str, result: dict[str, np.ndarray], anatomy: np.ndarray | None,
     brain: np.ndarray, affine: np.ndarray, n: int, q: float,
 ) -> list[Path]:
-    from counterwarp.report.figures import percent_volume_change, stat_map_figure
+    """The mean and FDR-masked mean figures of one direction (drawn by report.figures).
 
-    percent, ras_affine = _ras(
-        np.where(brain, percent_volume_change(np.nan_to_num(result["mean"])), 0.0), affine
+    Both are cut at the centre of the tested brain mask and share one colour limit: the
+    98th percentile of ``|mean percent change|`` in the brain (robust to a few voxels).
+    """
+    from counterwarp.report.figures import (
+        percent_volume_change,
+        stat_map_figure,
+        subject_cut_coords,
+        symmetric_limit,
     )
-    shown, _ = _ras(brain.astype(np.float64), affine)
-    significant, _ = _ras(result["fdr"].astype(np.float64), affine)
-    background = None if anatomy is None else _ras(anatomy, affine)[0]
-    brain_ras = shown > 0.5
-    limit = None
-    if brain_ras.any():
-        from counterwarp.report.figures import symmetric_limit
 
-        limit = symmetric_limit(percent[brain_ras], percentile=98.0)  # robust to a few voxels
-    label = f"mean volume change (%), {direction}"
-    first = stat_map_figure(
-        percent, out / f"group_{direction}_mean.png", anatomy=background, affine=ras_affine,
-        colorbar_label=label, show=brain_ras, limit=limit,
-        threshold=0.05 * (limit or 0.0), title=f"group mean, {direction} (n = {n})",
-    )
+    percent = np.where(brain, percent_volume_change(np.nan_to_num(result["mean"])), 0.0)
+    cuts = subject_cut_coords(brain.astype(np.float32), affine)
+    limit = symmetric_limit(percent[brain], percentile=98.0) if brain.any() else 1.0
+    label = f"mean volume change (%), {direction}\n(limit: 98th pct of |mean|)"
+    common = {"anatomy": anatomy, "affine": affine, "brain": brain, "cut_coords": cuts,
+              "colorbar_label": label, "limit": limit, "threshold": 0.05 * limit}
+    first = stat_map_figure(percent, out / f"group_{direction}_mean.png",
+                            title=f"group mean, {direction} (n = {n})", **common)
     n_significant = int(result["fdr"].sum())
     fdr_title = (
         f"FDR q = {q:g}: {n_significant} voxels" if n_significant
         else f"no voxel survives FDR q = {q:g}"
     )
-    second = stat_map_figure(
-        percent, out / f"group_{direction}_mean_fdr.png", anatomy=background,
-        affine=ras_affine, colorbar_label=label, show=significant > 0.5, limit=limit,
-        threshold=0.05 * (limit or 0.0),
-        point=None if n_significant else tuple(int(s) // 2 for s in percent.shape),
-        title=f"group mean, {direction}, {fdr_title}",
-    )
+    second = stat_map_figure(percent, out / f"group_{direction}_mean_fdr.png",
+                             show=result["fdr"], title=f"group mean, {direction}, {fdr_title}",
+                             **common)
     return [first, second]
 
 
@@ -501,8 +208,8 @@ def _readme(direction: str, summary: dict[str, Any]) -> str:
         lines.append(f"{prefix}_regions.csv  mean log volume change per atlas region, sorted "
                      "by |effect|; 'outside' = brain voxels in no region")
     lines += [
-        f"{prefix}_mean.png, {prefix}_mean_fdr.png  orthogonal views through the strongest "
-        "effect, percent volume change over the mean anatomy (L/R marked)",
+        f"{prefix}_mean.png, {prefix}_mean_fdr.png  orthogonal views through the centre of "
+        "the brain mask (mm), percent volume change over the mean anatomy (L/R/A/P/S/I)",
         "",
         "All NIfTI files carry the affine of the maps they were computed from.",
     ]
@@ -584,9 +291,9 @@ def group_run(
     spatial = maps.shape[1:]
     brain = np.asarray(data["brain"], bool)
     if mask is not None:
-        brain = _load_atlas(mask, spatial, affine) > 0
+        brain = load_atlas(mask, spatial, affine) > 0
     names = read_atlas_names(atlas_names) if atlas_names is not None else None
-    labels = _load_atlas(atlas, spatial, affine) if atlas is not None else None
+    labels = load_atlas(atlas, spatial, affine) if atlas is not None else None
     if not brain.any():
         raise CounterwarpError("the brain mask is empty: no voxel to test")
 
@@ -640,18 +347,5 @@ def group_run(
         files["figure_mean"], files["figure_fdr"] = (str(p) for p in pngs)
     write_text_atomic(Path(f"{prefix}_README.txt"), _readme(direction, summary))
     files["readme"] = f"{prefix}_README.txt"
-    write_json_atomic(Path(f"{prefix}_summary.json"), _jsonable(summary))
+    write_json_atomic(Path(f"{prefix}_summary.json"), json_safe(summary))
     return summary
-
-
-def _jsonable(value: Any) -> Any:
-    """A copy of ``value`` that strict JSON accepts: non-finite floats become None."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (float, np.floating)):
-        return float(value) if math.isfinite(float(value)) else None
-    if isinstance(value, (np.integer, np.bool_)):
-        return value.item()
-    return value

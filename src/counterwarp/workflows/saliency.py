@@ -41,13 +41,14 @@ from counterwarp.data.stream import (
     table_name,
 )
 from counterwarp.errors import CounterwarpError
-from counterwarp.explain.saliency import SALIENCY_METHODS, saliency_map, saliency_panel
+from counterwarp.explain.saliency import SALIENCY_METHODS, saliency_map
 from counterwarp.nn.classifier import last_conv_layer
+from counterwarp.report.figures import saliency_panel
 from counterwarp.train.common import choose_device
 from counterwarp.workflows.explain import explain_inputs, shard_inputs
+from counterwarp.workflows.folder import SALIENCY_INDEX_NAME as INDEX_NAME
 from counterwarp.workflows.folder import load_run_classifier, model_shape
 
-INDEX_NAME = "saliency_index.csv"
 INDEX_COLUMNS = ("id", "path", "label", "method", "file", "panel")
 
 __all__ = ["INDEX_COLUMNS", "INDEX_NAME", "parse_methods", "saliency_run"]
@@ -207,7 +208,8 @@ def saliency_run(
                     "panel": str(panel.resolve()),
                 }
             )
-        saliency_panel(tensor[0].numpy(), maps, panel, title=f"{id_}: saliency of the logit")
+        saliency_panel(tensor[0].numpy(), maps, panel, title=f"{id_}: saliency of the logit",
+                       affine=volume.model_affine)
         done += 1
     bar.close()
     write_index_csv(out / table, rows)

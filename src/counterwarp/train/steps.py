@@ -1,0 +1,164 @@
+"""One optimisation step of the simulator: the objective's terms, the batch, the schedules.
+
+``joint`` (default): one Adam optimiser on
+``w_shift * L_shift + w_cycle * L_cycle + w_smooth * L_smooth + w_magnitude * L_magnitude``
+(the regularisers averaged over the forward and the cycled pass); ``alternating`` (the
+paper's): one optimiser steps on the shift and regularisers, a second one (after
+``cycle_warmup`` steps) on the cycle loss, on every batch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from counterwarp.losses import (
+    cycle_loss,
+    displacement_magnitude_loss,
+    folding_penalty,
+    logit_shift_loss,
+    moved_by_margin,
+    smoothness_loss,
+)
+from counterwarp.nn.classifier import classifier_logits
+from counterwarp.nn.simulator import DIRECTIONS, SimulatorNet, simulate
+from counterwarp.train.config import FitConfig
+
+__all__ = ["LossTerms", "balanced_batch", "train_step"]
+
+
+class LossTerms:
+    """Computes every term of the objective for one batch."""
+
+    def __init__(
+        self, net: SimulatorNet, classifier: nn.Module, config: FitConfig, margin: float
+    ) -> None:
+        self.net = net
+        self.classifier = classifier
+        self.config = config
+        self.margin = margin
+
+    def regulariser(self, displacement: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Penalties on a displacement ``(B, d, *S)``, each computed once: ``smooth`` and
+        ``magnitude`` (for the log) and ``regulariser``, their weighted sum plus (when
+        ``w_fold > 0``) the folding penalty (for the loss)."""
+        config = self.config
+        smooth = smoothness_loss(displacement, kind=config.smooth_kind)
+        magnitude = displacement_magnitude_loss(displacement)
+        total = config.w_smooth * smooth + config.w_magnitude * magnitude
+        if config.w_fold > 0:
+            total = total + config.w_fold * folding_penalty(displacement)
+        return {"regulariser": total, "smooth": smooth, "magnitude": magnitude}
+
+    def autocast(self, device: torch.device) -> torch.autocast:
+        """The forward passes' precision context (``config.precision``) on ``device``."""
+        return torch.autocast(
+            device_type=device.type, dtype=torch.bfloat16,
+            enabled=self.config.precision == "bf16",
+        )
+
+    def forward_terms(
+        self, images: torch.Tensor, condition: torch.Tensor, logit_before: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        with self.autocast(images.device):
+            simulated, displacement, _, _ = simulate(self.net, images, condition)
+            logit_after = classifier_logits(self.classifier, simulated).float()
+        return {
+            "simulated": simulated,
+            "shift": logit_shift_loss(logit_before, logit_after, condition, self.margin),
+            **self.regulariser(displacement),
+            "moved": moved_by_margin(logit_before, logit_after, condition, self.margin),
+        }
+
+    def cycle_terms(
+        self, images: torch.Tensor, simulated: torch.Tensor, condition: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        with self.autocast(images.device):
+            cycled, back_displacement, _, _ = simulate(self.net, simulated, -condition)
+        return {
+            "cycle": cycle_loss(images, cycled),
+            **self.regulariser(back_displacement),
+        }
+
+
+def balanced_batch(
+    inject_pool: torch.Tensor, remove_pool: torch.Tensor, batch_size: int,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices and conditions of one batch: half inject, half remove when both exist."""
+    both = ((inject_pool, DIRECTIONS["inject"]), (remove_pool, DIRECTIONS["remove"]))
+    pools = [(p, c) for p, c in both if len(p) > 0]
+    per_pool = [batch_size // len(pools)] * len(pools)
+    per_pool[0] += batch_size - sum(per_pool)
+    indices, conditions = [], []
+    for (pool, condition), count in zip(pools, per_pool, strict=True):
+        picks = torch.randint(len(pool), (count,), generator=generator)
+        indices.append(pool[picks])
+        conditions.append(torch.full((count,), condition))
+    return torch.cat(indices), torch.cat(conditions)
+
+
+def train_step(
+    terms: LossTerms,
+    config: FitConfig,
+    main_opt: torch.optim.Optimizer,
+    cycle_opt: torch.optim.Optimizer | None,
+    images: torch.Tensor,
+    condition: torch.Tensor,
+    logit_before: torch.Tensor,
+    step: int,
+    after_backward: Callable[[], None] | None = None,
+) -> dict[str, float]:
+    """One optimisation step of the chosen schedule; returns the logged loss values.
+
+    ``after_backward`` runs after every ``backward()``, before the optimiser's step (the
+    gradient averaging over the ranks of a distributed run).
+    """
+    forward = terms.forward_terms(images, condition, logit_before)
+    if cycle_opt is None:
+        back = terms.cycle_terms(images, forward["simulated"], condition)
+        smooth = (forward["smooth"] + back["smooth"]) / 2
+        magnitude = (forward["magnitude"] + back["magnitude"]) / 2
+        loss = (
+            config.w_shift * forward["shift"] + config.w_cycle * back["cycle"]
+            + (forward["regulariser"] + back["regulariser"]) / 2
+        )
+        main_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if after_backward is not None:
+            after_backward()
+        main_opt.step()
+        cycle_value = float(back["cycle"].detach())
+    else:
+        smooth, magnitude = forward["smooth"], forward["magnitude"]
+        loss = config.w_shift * forward["shift"] + forward["regulariser"]
+        main_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if after_backward is not None:
+            after_backward()
+        main_opt.step()
+        if step >= config.cycle_warmup:
+            with terms.autocast(images.device):
+                simulated = simulate(terms.net, images, condition)[0]
+            back = terms.cycle_terms(images, simulated, condition)
+            cycle_total = config.w_cycle * back["cycle"]
+            cycle_opt.zero_grad(set_to_none=True)
+            cycle_total.backward()
+            if after_backward is not None:
+                after_backward()
+            cycle_opt.step()
+            cycle_value = float(back["cycle"].detach())
+            loss = loss.detach() + cycle_total.detach()
+        else:
+            cycle_value = float("nan")
+    return {
+        "loss": float(loss.detach()),
+        "shift": float(forward["shift"].detach()),
+        "cycle": cycle_value if math.isfinite(cycle_value) else 0.0,
+        "smooth": float(smooth.detach()),
+        "magnitude": float(magnitude.detach()),
+        "moved_share": float(forward["moved"].float().mean()),
+    }
