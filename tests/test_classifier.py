@@ -19,7 +19,8 @@ from counterwarp.nn.classifier import (
     load_classifier,
     save_classifier,
 )
-from counterwarp.train.classifier import augment_batch, predict_logits, train_classifier
+from counterwarp.train.augment import augment_batch
+from counterwarp.train.classifier import predict_logits, train_classifier
 from counterwarp.train.common import auc, balanced_accuracy, binary_metrics, seed_everything
 
 # ---------------------------------------------------------------- architecture

@@ -69,7 +69,7 @@ from typing import Any
 import pytest
 import torch
 
-from counterwarp import distributed
+from counterwarp import distributed, global_batchnorm
 from counterwarp.cli import main
 from counterwarp.errors import CounterwarpError
 from counterwarp.nn.simulator import SimulatorNet
@@ -335,13 +335,13 @@ def test_global_batchnorm_is_plain_batchnorm_in_one_process() -> None:
     keys = list(net.state_dict())
     reference = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3), torch.nn.BatchNorm3d(4))
     reference.load_state_dict(net.state_dict())
-    converted = distributed.convert_batchnorm(net)
-    assert isinstance(converted[1], distributed.GlobalBatchNorm)
+    converted = global_batchnorm.convert_batchnorm(net)
+    assert isinstance(converted[1], global_batchnorm.GlobalBatchNorm)
     assert list(converted.state_dict()) == keys
     x = torch.randn(3, 1, 6, 6, 6)
     torch.testing.assert_close(converted(x), reference(x))
     torch.testing.assert_close(converted[1].running_mean, reference[1].running_mean)
-    reverted = distributed.revert_batchnorm(converted)
+    reverted = global_batchnorm.revert_batchnorm(converted)
     assert type(reverted[1]) is torch.nn.BatchNorm3d
     assert list(reverted.state_dict()) == keys
     torch.testing.assert_close(reverted[1].running_var, reference[1].running_var)

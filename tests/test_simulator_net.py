@@ -9,7 +9,8 @@ import torch
 
 from counterwarp.errors import CounterwarpError
 from counterwarp.geometry.warp import integrate_velocity, warp
-from counterwarp.nn.simulator import SimulatorNet, num_levels
+from counterwarp.nn.blocks import num_levels
+from counterwarp.nn.simulator import SimulatorNet
 
 SMALL = {"channels": (4, 8, 8, 4), "latent_dim": 16}
 
@@ -134,7 +135,7 @@ def test_output_shapes_and_zero_field_at_init(field: str, shape: tuple[int, ...]
 def test_default_channels_at_reference_size_build_the_reference_bottleneck() -> None:
     net = SimulatorNet((64, 64, 64))
     assert net.levels == 4
-    assert net.bottleneck.encode.in_features == 1024  # 16 channels x 4^3, as in METHOD.md
+    assert net.bottleneck.encode.in_features == 1024  # 16 channels x 4^3, the paper's bottleneck
     assert net.bottleneck.encode.out_features == 512
 
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from counterwarp.errors import CounterwarpError
-from counterwarp.nn.simulator import SimulatorNet, gaussian_smooth
+from counterwarp.geometry.smooth import gaussian_smooth
+from counterwarp.nn.simulator import SimulatorNet
 
 SMALL = {"channels": (4, 8, 8), "latent_dim": 8, "routing_dropout": 0.0}
 

@@ -3,7 +3,7 @@
 All displacements are ``(B, d, *S)`` in voxels (channel ``i`` along spatial axis ``i``);
 finite differences use unit voxel spacing. Sign convention of the logit shift: the
 condition ``c = +1`` asks the classifier's logit to *rise* by the margin ("inject"),
-``c = -1`` to *fall* by it ("remove"); see ``METHOD.md``.
+``c = -1`` to *fall* by it ("remove"); see ``docs/method.md``.
 """
 
 from __future__ import annotations
@@ -137,7 +137,7 @@ def smoothness_loss(displacement: torch.Tensor, kind: SmoothnessKind = "l2") -> 
       directions (VoxelMorph's ``Grad('l2')``). A linear field ``u(p) = A p`` gives
       ``||A||_F^2 / d^2``.
     - ``"l1"``: the same with absolute values (total-variation-like; tends to make thin
-      shells at boundaries, see ``METHOD.md``).
+      shells at boundaries, see ``docs/method.md``).
     - ``"bending"``: bending energy, the mean over voxels and components of
       ``sum_jk (d^2 u / dp_j dp_k)^2`` (MONAI ``BendingEnergyLoss``, central differences,
       unit spacing; needs every spatial size > 2). Zero for any affine field.

@@ -34,11 +34,18 @@ import math
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from counterwarp.errors import CounterwarpError
+from counterwarp.geometry.smooth import gaussian_smooth
 from counterwarp.geometry.warp import integrate_velocity, warp
+from counterwarp.nn.blocks import (
+    NORMS,
+    ConditionalBottleneck,
+    DownBlock,
+    UpBlock,
+    num_levels,
+)
 from counterwarp.nn.condconv import ROUTINGS, CondConv
 
 Field = Literal["displacement", "velocity"]
@@ -46,91 +53,6 @@ FIELDS: tuple[str, ...] = ("displacement", "velocity")
 #: The simulator's two directions and their condition ``c``: "inject" makes an image look
 #: more diseased to the classifier (its logit rises), "remove" healthier (it falls).
 DIRECTIONS: dict[str, float] = {"inject": 1.0, "remove": -1.0}
-
-_BATCHNORM = {2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
-_MAXPOOL = {2: nn.MaxPool2d, 3: nn.MaxPool3d}
-_UPSAMPLE_MODE = {2: "bilinear", 3: "trilinear"}
-_LEAK = 0.1
-
-
-def num_levels(input_shape: tuple[int, ...], max_levels: int) -> int:
-    """Number of 2x poolings the U-Net applies to an image of ``input_shape``.
-
-    The largest ``n <= max_levels`` with every ``size % 2**n == 0`` and ``size // 2**n >= 2``.
-    """
-    n = 0
-    while n < max_levels:
-        step = 2 ** (n + 1)
-        if not all(s % step == 0 and s // step >= 2 for s in input_shape):
-            break
-        n += 1
-    return n
-
-
-NORMS = ("batch", "group")
-
-
-def make_norm(kind: str, channels: int, dim: int) -> nn.Module:
-    """BatchNorm (the paper's) or GroupNorm (4 groups; same in training and evaluation)."""
-    if kind == "group":
-        return nn.GroupNorm(math.gcd(channels, 4), channels)
-    return _BATCHNORM[dim](channels)
-
-
-class DownBlock(nn.Module):
-    """Norm, LeakyReLU(0.1), MaxPool(2), CondConv: ``(B, C_in, *S) -> (B, C_out, *S/2)``."""
-
-    def __init__(
-        self, in_channels: int, out_channels: int, dim: int, norm: str = "batch",
-        **condconv: Any,
-    ) -> None:
-        super().__init__()
-        self.norm = make_norm(norm, in_channels, dim)
-        self.act = nn.LeakyReLU(_LEAK)
-        self.pool = _MAXPOOL[dim](2)
-        self.conv = CondConv(in_channels, out_channels, dim=dim, **condconv)
-
-    def forward(self, x: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
-        return self.conv(self.pool(self.act(self.norm(x))), condition)
-
-
-class UpBlock(nn.Module):
-    """CondConv, Norm, LeakyReLU(0.1), Upsample(2): ``(B, C_in, *S) -> (B, C_out, *2S)``."""
-
-    def __init__(
-        self, in_channels: int, out_channels: int, dim: int, norm: str = "batch",
-        **condconv: Any,
-    ) -> None:
-        super().__init__()
-        self.conv = CondConv(in_channels, out_channels, dim=dim, **condconv)
-        self.norm = make_norm(norm, out_channels, dim)
-        self.act = nn.LeakyReLU(_LEAK)
-        self.up = nn.Upsample(scale_factor=2, mode=_UPSAMPLE_MODE[dim], align_corners=False)
-
-    def forward(self, x: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
-        return self.up(self.act(self.norm(self.conv(x, condition))))
-
-
-class ConditionalBottleneck(nn.Module):
-    """Fully connected bottleneck that mixes in the condition.
-
-    ``(B, C, *S) -> flatten -> FC -> (B, latent) -> ReLU -> concat c -> FC -> (B, C, *S)``.
-    """
-
-    def __init__(self, channels: int, spatial_shape: tuple[int, ...], latent_dim: int) -> None:
-        super().__init__()
-        self.shape = (channels, *spatial_shape)
-        flat = channels * math.prod(spatial_shape)
-        self.encode = nn.Linear(flat, latent_dim)
-        self.act = nn.ReLU()
-        self.decode = nn.Linear(latent_dim + 1, flat)
-
-    def forward(self, x: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
-        """``x``: ``(B, C, *S)``; ``condition``: ``(B,)``. Returns ``(B, C, *S)``."""
-        z = self.act(self.encode(x.flatten(1)))
-        z = torch.cat([z, condition[:, None].to(z.dtype)], dim=1)
-        return self.decode(z).reshape(x.shape[0], *self.shape)
-
 
 def _int_tuple(name: str, value: Any, min_len: int, max_len: int, minimum: int) -> tuple[int, ...]:
     if not isinstance(value, (list, tuple)) or not min_len <= len(value) <= max_len:
@@ -395,28 +317,6 @@ def _constructor_defaults() -> dict[str, Any]:
 
 
 _DEFAULTS: dict[str, Any] = _constructor_defaults()
-
-
-def gaussian_smooth(field: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian smoothing of each channel of ``field`` (B, C, *S); sigma in voxels.
-
-    Zero padding: a field that is zero outside the image stays consistent at the border.
-    """
-    dim = field.ndim - 2
-    radius = max(1, math.ceil(3 * sigma))
-    offsets = torch.arange(-radius, radius + 1, dtype=field.dtype, device=field.device)
-    kernel = torch.exp(-(offsets**2) / (2 * sigma**2))
-    kernel = kernel / kernel.sum()
-    channels = field.shape[1]
-    convolve = F.conv3d if dim == 3 else F.conv2d
-    for axis in range(dim):
-        shape = [1] * dim
-        shape[axis] = -1
-        weight = kernel.view(1, 1, *shape).repeat(channels, 1, *([1] * dim))
-        padding = [0] * dim
-        padding[axis] = radius
-        field = convolve(field, weight, padding=tuple(padding), groups=channels)
-    return field
 
 
 def simulate(

@@ -55,12 +55,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.optim.swa_utils import update_bn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from counterwarp import __version__, distributed
+from counterwarp import __version__, distributed, global_batchnorm
 from counterwarp._io import folder_lock, write_json_atomic, write_text_atomic
 from counterwarp.data.manifest import (
     SPLIT_PARTS,
@@ -72,8 +71,8 @@ from counterwarp.data.manifest import (
 )
 from counterwarp.data.preprocess import PREPROCESSING_INFO
 from counterwarp.errors import CounterwarpError
-from counterwarp.geometry.warp import warp
 from counterwarp.nn.classifier import CLASSIFIER_NAME, Classifier, save_classifier
+from counterwarp.train.augment import augment_batch, augmentation_settings
 from counterwarp.train.common import (
     auc,
     binary_metrics,
@@ -86,10 +85,6 @@ WEIGHT_DECAY = 1e-4
 """Adam weight decay (L2) of the classifier's parameters."""
 FINAL_LR_FRACTION = 0.05
 """The learning rate decays along a cosine from ``lr`` to ``FINAL_LR_FRACTION * lr``."""
-AUGMENTATION: dict[str, float] = {
-    "max_shift": 0, "intensity_range": 0.1, "noise_std": 0.05, "deform_std": 0.0,
-}
-"""Default keyword arguments of :func:`augment_batch` during training (see module docstring)."""
 RECALIBRATE_BATCHNORM = True
 """Before each validation, recompute the BatchNorm running statistics exactly over the
 (unaugmented) training part, so the decision threshold does not drift with the last batches."""
@@ -109,60 +104,6 @@ LOG_COLUMNS = (
     "lr",
     "seconds",
 )
-
-
-def augment_batch(
-    images: torch.Tensor,
-    generator: torch.Generator,
-    max_shift: int = 2,
-    intensity_range: float = 0.1,
-    noise_std: float = 0.05,
-    deform_std: float = 0.0,
-) -> torch.Tensor:
-    """Light, orientation-preserving augmentation of a batch.
-
-    Args:
-        images: ``(B, 1, *spatial)`` z-scored images (background 0).
-        generator: CPU generator for the random draws (reproducible).
-        max_shift: largest translation in voxels per axis (integer shifts, zero fill).
-        intensity_range: each image is scaled by a factor uniform in ``1 ± intensity_range``.
-        noise_std: sd of Gaussian noise added to non-zero voxels (z-score units).
-        deform_std: sd in voxels of a random smooth deformation (Gaussian noise on a grid
-            4 voxels apart, interpolated linearly, applied as a pull-back warp); 0 turns it
-            off. It teaches the classifier that warping and interpolation by themselves are
-            not evidence of disease, so a simulator cannot move its logit by blurring.
-
-    Returns:
-        augmented ``(B, 1, *spatial)`` tensor on the device of ``images``.
-    """
-    batch, dim = images.shape[0], images.dim() - 2
-    device = images.device
-    scale = 1.0 + intensity_range * (2.0 * torch.rand(batch, generator=generator) - 1.0)
-    out = images * scale.view(batch, *([1] * (dim + 1))).to(device)
-    if max_shift > 0:
-        shifts = torch.randint(-max_shift, max_shift + 1, (batch, dim), generator=generator)
-        padded = F.pad(out, [max_shift] * (2 * dim))
-        spatial = images.shape[2:]
-        shifted = []
-        for b in range(batch):
-            window = tuple(
-                slice(max_shift - int(s), max_shift - int(s) + n)
-                for s, n in zip(shifts[b], spatial, strict=True)
-            )
-            shifted.append(padded[(b, slice(None), *window)])
-        out = torch.stack(shifted)
-    if deform_std > 0:
-        spatial = tuple(images.shape[2:])
-        coarse = torch.randn(
-            (batch, dim, *(max(2, n // 4) for n in spatial)), generator=generator
-        )
-        mode = "bilinear" if dim == 2 else "trilinear"
-        field = F.interpolate(coarse, size=spatial, mode=mode, align_corners=True) * deform_std
-        out = warp(out, field.to(device=device, dtype=out.dtype))
-    if noise_std > 0:
-        noise = torch.randn(out.shape, generator=generator).to(device) * noise_std
-        out = out + noise * (out != 0)
-    return out
 
 
 def _batches(dataset: Dataset, batch_size: int) -> DataLoader:
@@ -221,26 +162,6 @@ def _check_arguments(
             f"fractions {parts} must be three positive numbers summing to 1 (train, val, test)"
         )
     return parts  # type: ignore[return-value]
-
-
-def _augmentation_settings(overrides: dict[str, float] | None) -> dict[str, Any]:
-    settings: dict[str, Any] = {**AUGMENTATION, **(overrides or {})}
-    unknown = sorted(set(settings) - set(AUGMENTATION))
-    if unknown:
-        raise CounterwarpError(
-            f"unknown augmentation settings {unknown}; allowed: {sorted(AUGMENTATION)}"
-        )
-    max_shift = settings["max_shift"]
-    if isinstance(max_shift, bool) or not isinstance(max_shift, int) or max_shift < 0:
-        raise CounterwarpError(f"max_shift must be a non-negative integer, got {max_shift!r}")
-    for name in ("intensity_range", "noise_std"):
-        value = settings[name]
-        if not isinstance(value, (int, float)) or not 0 <= value < 1:
-            raise CounterwarpError(f"{name} must be a number in [0, 1), got {value!r}")
-    deform = settings["deform_std"]
-    if isinstance(deform, bool) or not isinstance(deform, (int, float)) or not 0 <= deform <= 5:
-        raise CounterwarpError(f"deform_std must be a number of voxels in [0, 5], got {deform!r}")
-    return settings
 
 
 def _check_split(rows: list[ManifestRow], split: dict[str, list[int]], manifest: Path) -> None:
@@ -340,7 +261,7 @@ def train_classifier(
 
     started = time.perf_counter()
     fractions = _check_arguments(epochs, batch_size, lr, fractions)
-    augment_settings = _augmentation_settings(augmentation)
+    augment_settings = augmentation_settings(augmentation)
     if select_by not in SELECTION_RULES:
         raise CounterwarpError(f"select_by {select_by!r} is not one of {sorted(SELECTION_RULES)}")
     out = Path(out).expanduser()
@@ -378,7 +299,7 @@ def train_classifier(
 
         model = Classifier(dataset.spatial_shape).to(chosen_device)
         if group.distributed:
-            model = distributed.convert_batchnorm(model)
+            model = global_batchnorm.convert_batchnorm(model)
             group.broadcast_module(model)
             group.seed_per_rank(seed)  # own dropout masks per rank
         optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=WEIGHT_DECAY)
@@ -423,7 +344,7 @@ def train_classifier(
             epoch_lr = optimizer.param_groups[0]["lr"]
             scheduler.step()
             if RECALIBRATE_BATCHNORM:
-                with distributed.local_batchnorm(model):  # every rank sees the whole part
+                with global_batchnorm.local_batchnorm(model):  # every rank sees the whole part
                     update_bn(_batches(parts["train"], 2 * batch_size), model, chosen_device)
             val_logits = torch.from_numpy(predict_logits(model, parts["val"], 2 * batch_size))
             val_loss = float(criterion(val_logits.to(chosen_device), val_labels.to(chosen_device)))
@@ -452,7 +373,7 @@ def train_classifier(
 
         model.load_state_dict(best_state)
         if group.distributed:
-            model = distributed.revert_batchnorm(model)
+            model = global_batchnorm.revert_batchnorm(model)
         training_settings = {
             "epochs": epochs,
             "batch_size": batch_size,

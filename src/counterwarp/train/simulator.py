@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from counterwarp import distributed
+from counterwarp import distributed, global_batchnorm
 from counterwarp._io import save_torch_atomic
 from counterwarp.errors import CounterwarpError
 from counterwarp.nn.classifier import freeze, predict_in_batches
@@ -163,7 +163,7 @@ def fit_simulator(
     spatial_shape = tuple(images.shape[2:])
     net = build_net(config, spatial_shape, net_factory).to(device)
     if group.distributed:
-        net = distributed.convert_batchnorm(net)
+        net = global_batchnorm.convert_batchnorm(net)
         group.broadcast_module(net)
         group.seed_per_rank(config.seed)  # own dropout masks per rank
     net = to_training_layout(net, config, len(spatial_shape))
@@ -296,7 +296,7 @@ def fit_simulator(
             save_checkpoint(step + 1)
     bar.close()
     if group.distributed:
-        net = distributed.revert_batchnorm(net)
+        net = global_batchnorm.revert_batchnorm(net)
     net.eval()
     return FitResult(net, config, margin, logit_mean, logit_std, history)
 
