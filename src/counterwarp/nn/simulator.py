@@ -169,22 +169,8 @@ class SimulatorNet(nn.Module):
         antisymmetric: bool = False,
     ) -> None:
         super().__init__()
-        cfg = _validated(
-            dict(
-                input_shape=input_shape,
-                field=field,
-                channels=channels,
-                latent_dim=latent_dim,
-                num_experts=num_experts,
-                routing=routing,
-                integration_steps=integration_steps,
-                max_displacement=max_displacement,
-                routing_dropout=routing_dropout,
-                smoothing_sigma=smoothing_sigma,
-                norm=norm,
-                antisymmetric=antisymmetric,
-            )
-        )
+        arguments = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        cfg = _validated(arguments)
         self._cfg = cfg
         self.input_shape: tuple[int, ...] = cfg["input_shape"]
         self.field: str = cfg["field"]

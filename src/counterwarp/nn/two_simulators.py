@@ -28,35 +28,18 @@ class TwoSimulators(nn.Module):
     back through the *other* net), but with twice the parameters.
 
     Args:
-        input_shape, field, channels, latent_dim, integration_steps, max_displacement,
-            routing_dropout, smoothing_sigma: as for :class:`SimulatorNet`, used for both.
-        num_experts, routing, antisymmetric: accepted for a drop-in constructor signature
-            and ignored (always 1, ``"condition"`` and two independent fields).
+        input_shape: as for :class:`SimulatorNet`.
+        **settings: :class:`SimulatorNet` keywords, used for both nets; ``num_experts``,
+            ``routing`` and ``antisymmetric`` are accepted so it can stand in for
+            ``SimulatorNet`` and ignored (always 1, ``"condition"`` and two independent
+            fields).
     """
 
-    def __init__(
-        self,
-        input_shape: tuple[int, ...],
-        field: str = "displacement",
-        channels: tuple[int, ...] = (16, 32, 64, 16, 16),
-        latent_dim: int = 512,
-        num_experts: int = 1,
-        routing: str = "condition",
-        integration_steps: int = 7,
-        max_displacement: float | None = None,
-        routing_dropout: float = 0.1,
-        smoothing_sigma: float = 0.0,
-        norm: str = "batch",
-        antisymmetric: bool = False,
-    ) -> None:
+    def __init__(self, input_shape: tuple[int, ...], **settings: Any) -> None:
         super().__init__()
-        del num_experts, routing, antisymmetric
-        settings: dict[str, Any] = dict(
-            field=field, channels=tuple(channels), latent_dim=latent_dim, num_experts=1,
-            routing="condition", integration_steps=integration_steps,
-            max_displacement=max_displacement, routing_dropout=routing_dropout,
-            smoothing_sigma=smoothing_sigma, norm=norm,
-        )
+        for ignored in ("num_experts", "routing", "antisymmetric"):
+            settings.pop(ignored, None)
+        settings.update(num_experts=1, routing="condition")
         self.inject_net = SimulatorNet(tuple(input_shape), **settings)  # type: ignore[arg-type]
         self.remove_net = SimulatorNet(tuple(input_shape), **settings)  # type: ignore[arg-type]
         self.input_shape = self.inject_net.input_shape

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -234,20 +235,11 @@ def methods_figure(
     maps: Mapping[str, np.ndarray],
     path: str | Path,
     *,
-    signed: Collection[str] = (),
-    labels: Mapping[str, str] | None = None,
-    affine: np.ndarray | None = None,
-    cut_coords: tuple[float, ...] | None = None,
-    limit: float | None = None,
-    title: str = "",
-    columns_2d: int = 5,
     dpi: int = 90,
+    **options: Any,
 ) -> Path:
-    """Write the PNG of :func:`draw_methods` (same arguments) to ``path``."""
-    drawing = draw_methods(image, truth, maps, signed=signed, labels=labels, affine=affine,
-                           cut_coords=cut_coords, limit=limit, title=title,
-                           columns_2d=columns_2d)
-    return drawing.save(path, dpi)
+    """Write the PNG of :func:`draw_methods` (same keyword ``options``) to ``path``."""
+    return draw_methods(image, truth, maps, **options).save(path, dpi)
 
 
 # ----------------------------------------------------------------------- group maps

@@ -101,6 +101,19 @@ def balanced_batch(
     return torch.cat(indices), torch.cat(conditions)
 
 
+def _descend(
+    optimiser: torch.optim.Optimizer, loss: torch.Tensor,
+    after_backward: Callable[[], None] | None,
+) -> None:
+    """One optimiser step on ``loss``; ``after_backward`` runs between backward and step
+    (the gradient averaging under torchrun)."""
+    optimiser.zero_grad(set_to_none=True)
+    loss.backward()
+    if after_backward is not None:
+        after_backward()
+    optimiser.step()
+
+
 def train_step(
     terms: LossTerms,
     config: FitConfig,
@@ -126,30 +139,18 @@ def train_step(
             config.w_shift * forward["shift"] + config.w_cycle * back["cycle"]
             + (forward["regulariser"] + back["regulariser"]) / 2
         )
-        main_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if after_backward is not None:
-            after_backward()
-        main_opt.step()
+        _descend(main_opt, loss, after_backward)
         cycle_value = float(back["cycle"].detach())
     else:
         smooth, magnitude = forward["smooth"], forward["magnitude"]
         loss = config.w_shift * forward["shift"] + forward["regulariser"]
-        main_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if after_backward is not None:
-            after_backward()
-        main_opt.step()
+        _descend(main_opt, loss, after_backward)
         if step >= config.cycle_warmup:
             with terms.autocast(images.device):
                 simulated = simulate(terms.net, images, condition)[0]
             back = terms.cycle_terms(images, simulated, condition)
             cycle_total = config.w_cycle * back["cycle"]
-            cycle_opt.zero_grad(set_to_none=True)
-            cycle_total.backward()
-            if after_backward is not None:
-                after_backward()
-            cycle_opt.step()
+            _descend(cycle_opt, cycle_total, after_backward)
             cycle_value = float(back["cycle"].detach())
             loss = loss.detach() + cycle_total.detach()
         else:
