@@ -16,15 +16,12 @@ from torch import nn
 
 from counterwarp.data.maps import load_map_folder, read_atlas_names
 from counterwarp.errors import CounterwarpError
-from counterwarp.explain.progression import (
-    progression_frames,
-    write_progression,
-    write_progression_gif,
-)
+from counterwarp.explain.progression import progression_frames
 from counterwarp.explain.simulator import Simulator
 from counterwarp.nn.simulator import SimulatorNet
 from counterwarp.stats.group import fdr_mask, group_statistics
 from counterwarp.workflows.group import group_run
+from counterwarp.workflows.progression import write_progression, write_progression_gif
 
 SHAPE = (16, 16, 16)
 AFFINE = np.diag([4.0, 4.0, 4.0, 1.0])

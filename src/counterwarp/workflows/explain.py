@@ -131,7 +131,8 @@ def explain_run(
     run and every input's header are checked before ``out`` is created; an image whose
     voxel data turn out unusable stops the run when it is reached.
     """
-    from counterwarp.explain.progression import check_progression_supported, write_progression
+    from counterwarp.explain.progression import check_progression_supported
+    from counterwarp.workflows.progression import write_progression
 
     shard = parse_shard(shard)
     check_workers(workers)
