@@ -76,6 +76,7 @@ from counterwarp.nn.simulator import SimulatorNet
 from counterwarp.train.checkpoint import CHECKPOINT_NAME, LOG_NAME
 from counterwarp.train.config import FitConfig
 from counterwarp.train.simulator import fit_simulator
+from counterwarp.train.staging import FIT_STAGING
 from distributed_worker import switch_off_dropout
 from test_fit import TINY, BlobScorer, blob_images
 
@@ -270,7 +271,7 @@ def test_resume_under_two_processes_is_exact(tmp_path: Path) -> None:
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     launch(_fit_and_dump, whole, TINY)
     launch(_fit_and_dump, broken, TINY, 4)
-    assert _checkpoint(broken)["step"] == 3
+    assert _checkpoint(broken / FIT_STAGING)["step"] == 3  # a killed fit's progress is staged
     assert not (broken / "rank0_weights.pt").exists()
     launch(_fit_and_dump, broken, TINY, None, True)
     for rank in (0, 1):

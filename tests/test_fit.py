@@ -13,6 +13,7 @@ from counterwarp.explain.simulator import Simulator
 from counterwarp.train.checkpoint import CHECKPOINT_NAME, LOG_NAME
 from counterwarp.train.config import FitConfig
 from counterwarp.train.simulator import FitResult, fit_simulator
+from counterwarp.train.staging import FIT_STAGING
 
 SHAPE = (32, 32)
 
@@ -67,7 +68,7 @@ def assert_resume_is_exact(make_classifier, images, config, run_dir, kill_at: in
     with pytest.raises(Killed):
         fit_simulator(make_classifier(), images, config, run_dir=run_dir / "b", progress=False,
                       on_step=kill)
-    assert (run_dir / "b" / CHECKPOINT_NAME).exists()
+    assert (run_dir / "b" / FIT_STAGING / CHECKPOINT_NAME).exists()  # staged until the end
     resumed = fit_simulator(make_classifier(), images, config, run_dir=run_dir / "b",
                             resume=True, progress=False)
     for (name, a), (_, b) in zip(whole.net.state_dict().items(),

@@ -170,7 +170,8 @@ def test_group_statistics_handle_constant_voxels():
     maps[:, 2] = [0.1, 0.2, 0.3, 0.4]
     result = group_statistics(maps)
     assert result["t"][0] == 0 and result["p"][0] == 1
-    assert result["t"][1] == np.inf and result["p"][1] == 0
+    assert result["t"][1] == 0 and result["p"][1] == 1  # zero spread: no t
+    assert not result["fdr"][1] and list(result["zero_spread"]) == [True, True, False]
     expected_t = 0.25 / (np.std([0.1, 0.2, 0.3, 0.4], ddof=1) / 2)
     assert result["t"][2] == pytest.approx(expected_t)
     with pytest.raises(CounterwarpError, match="at least 2"):

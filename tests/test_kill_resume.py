@@ -34,6 +34,7 @@ from counterwarp.train.checkpoint import CHECKPOINT_NAME, LOG_NAME, load_checkpo
 from counterwarp.train.classifier import train_classifier
 from counterwarp.train.config import FitConfig
 from counterwarp.train.simulator import fit_simulator
+from counterwarp.train.staging import FIT_STAGING
 from counterwarp.workflows.fit import fit_run
 
 STEPS = 30
@@ -65,11 +66,10 @@ if mode == "save":
         buffer = io.BytesIO()
         real_save(obj, buffer, *args, **kwargs)
         data = buffer.getvalue()
-        with open(f, "wb") as handle:
-            handle.write(data[: len(data) // 2])
-            handle.flush()
-            os.fsync(handle.fileno())
-        (signals / "in_save").write_text(str(f))
+        f.write(data[: len(data) // 2])  # f: the open temporary file
+        f.flush()
+        os.fsync(f.fileno())
+        (signals / "in_save").write_text(str(f.name))
         time.sleep(300)
 
     torch.save = slow_save
@@ -187,7 +187,7 @@ def _compare_with_reference(run: Path, reference: Path) -> tuple[float, list[int
 def _kill_at_random_moment(prepared: dict[str, Path], run: Path, rng: random.Random) -> None:
     """Launch fit; let it save 1 to 4 more checkpoints, then SIGKILL it at a random moment of
     the next step (training or saving). Counting saves makes the kills land at any speed."""
-    checkpoint = run / CHECKPOINT_NAME
+    checkpoint = run / FIT_STAGING / CHECKPOINT_NAME  # a fit's progress is staged
     process = _launch(prepared, run)
     saves, wanted, last = 0, rng.randint(1, 4), _stamp(checkpoint)
     step_seconds, saved_at = 0.05, None  # a step's duration, measured between two saves
@@ -213,8 +213,8 @@ def _kill_inside_a_save(prepared: dict[str, Path], run: Path, rng: random.Random
     the torn bytes sit in a temporary file and the checkpoint on disk is the previous one."""
     in_save = prepared["signals"] / "in_save"
     in_save.unlink(missing_ok=True)
-    before = load_checkpoint(run / CHECKPOINT_NAME)["step"] if (run / CHECKPOINT_NAME).exists() \
-        else None
+    staged = run / FIT_STAGING / CHECKPOINT_NAME
+    before = load_checkpoint(staged)["step"] if staged.exists() else None
     n = rng.randint(1, 3)
     process = _launch(prepared, run, "save", n)
     deadline = time.monotonic() + 120
@@ -225,14 +225,15 @@ def _kill_inside_a_save(prepared: dict[str, Path], run: Path, rng: random.Random
     torn = Path(in_save.read_text())
     os.kill(process.pid, signal.SIGKILL)
     process.communicate()
-    assert torn.parent == run and torn.name.startswith(f".{CHECKPOINT_NAME}.") and torn.exists()
+    assert torn.parent == staged.parent and torn.name.startswith(f".{CHECKPOINT_NAME}.") \
+        and torn.exists()
     with pytest.raises(Exception):  # noqa: B017 - any failure: the bytes are torn
         torch.load(torn, weights_only=True)
     expected = (before or 0) + n - 1
     if expected:
-        assert int(load_checkpoint(run / CHECKPOINT_NAME)["step"]) == expected
+        assert int(load_checkpoint(staged)["step"]) == expected
     else:
-        assert not (run / CHECKPOINT_NAME).exists()
+        assert not staged.exists()
 
 
 def test_fit_killed_at_random_moments_resumes_to_identical_weights(
@@ -252,7 +253,7 @@ def test_fit_killed_at_random_moments_resumes_to_identical_weights(
             _kill_at_random_moment(prepared, run, rng)
         else:
             _kill_inside_a_save(prepared, run, rng)
-        checkpoint = run / CHECKPOINT_NAME  # absent only if the very first save was torn
+        checkpoint = run / FIT_STAGING / CHECKPOINT_NAME  # absent only if the first save tore
         step = int(load_checkpoint(checkpoint)["step"]) if checkpoint.exists() else 0
         kills.append((how, step))  # load_checkpoint: never half-written, it always loads
     steps = [step for _, step in kills]
@@ -280,7 +281,7 @@ def test_kill_between_checkpoint_and_log_loses_no_log_row(
     os.kill(process.pid, signal.SIGKILL)
     process.communicate()
     # the log is written before its checkpoint: the last checkpoint is still step 2's
-    assert int(load_checkpoint(run / CHECKPOINT_NAME)["step"]) == 2
+    assert int(load_checkpoint(run / FIT_STAGING / CHECKPOINT_NAME)["step"]) == 2
     fit_run(prepared["manifest"], run, resume=True, progress=False, **TINY)
     steps = [int(row["step"]) for row in _log(run)]
     assert steps == list(range(1, STEPS + 1)), f"log rows lost: {set(range(1, 31)) - set(steps)}"
@@ -318,12 +319,12 @@ def test_nan_or_inf_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint
     # call 1 computes the training logits; step k calls the classifier once more (joint)
     config = FitConfig(**{**TINY, "steps": 8})
     classifier = PoisonedScorer(poison_from=1 + 4, value=value)
-    with pytest.raises(CounterwarpError, match=r"NaN/Inf at step 4; the last good checkpoint"):
+    with pytest.raises(CounterwarpError, match=r"NaN/Inf at step 4; .*the last good checkpoint"):
         fit_simulator(classifier, _discs(8), config, run_dir=tmp_path, progress=False)
-    state = load_checkpoint(tmp_path / CHECKPOINT_NAME)
+    state = load_checkpoint(tmp_path / FIT_STAGING / CHECKPOINT_NAME)  # staged, for --resume
     assert int(state["step"]) == 3
     assert all(torch.isfinite(t).all() for t in state["state_dict"].values())
-    assert [int(row["step"]) for row in _log(tmp_path)] == [1, 2, 3]
+    assert [int(row["step"]) for row in _log(tmp_path / FIT_STAGING)] == [1, 2, 3]
     # the kept checkpoint is usable: a healthy classifier resumes from step 3 to the end
     healthy = PoisonedScorer(poison_from=10**9, value=value)
     resumed = fit_simulator(healthy, _discs(8), config, run_dir=tmp_path, resume=True,

@@ -8,11 +8,12 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "counterwarp"
 
-_BASE = {"errors", "_io", "__version__"}
+_BASE = {"errors", "_io", "limits", "__version__"}
 #: What each part of the package may import from counterwarp (besides itself).
 ALLOWED: dict[str, set[str]] = {
     "errors": set(),
     "_io": {"errors"},
+    "limits": {"errors"},
     "distributed": {"errors"},
     "global_batchnorm": {"distributed", "errors"},
     "geometry": _BASE,

@@ -136,7 +136,7 @@ def test_label_not_binary(folder: Path) -> None:
 
 def test_positive_label_mapping(folder: Path) -> None:
     manifest = _manifest(folder, "path,label\na.nii.gz,CN\nb.nii.gz,AD\nc.nii.gz,MCI\n")
-    rows = read_manifest(manifest, positive_label="AD")
+    rows = read_manifest(manifest, positive_label="AD", negative_labels="CN,MCI")
     assert [row.label for row in rows] == [0, 1, 0]
     with pytest.raises(CounterwarpError, match=r"positive label 'ALZ' never occurs.*'AD'"):
         read_manifest(manifest, positive_label="ALZ")

@@ -31,6 +31,7 @@ def _cmd_synth(args: argparse.Namespace) -> None:
         effect=args.effect,
         seed=args.seed,
         effect_spec=args.effect_spec,
+        overwrite=args.overwrite,
     )
     print(f"cohort written to {Path(args.out)}  (manifest: {manifest})")
 
@@ -48,6 +49,8 @@ def _cmd_train_classifier(args: argparse.Namespace) -> None:
         seed=args.seed,
         shape=_shape(args.shape),
         positive_label=args.positive_label,
+        negative_labels=args.negative_labels,
+        overwrite=args.overwrite,
     )
     if not is_main():  # under torchrun, rank 0 reports
         return
@@ -254,6 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _command(sub, "synth", "synthetic MRI cohort with ground-truth volume change")
     p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace files in --out that counterwarp did not write there")
     p.add_argument("--n", type=int, default=200, help="number of subjects")
     p.add_argument("--shape", type=int, nargs="+", default=None,
                    help="image shape in voxels (default 32 32 32, or 64 64 with --dim 2)")
@@ -279,6 +284,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="resample every image to this shape (default: the first image's)")
     p.add_argument("--positive-label", default=None,
                    help="label value meaning 'diseased' when labels are strings")
+    p.add_argument("--negative-labels", default=None, metavar="VALUES",
+                   help="comma-separated label values meaning 'healthy' beside "
+                        "--positive-label (e.g. CN,HC); without it only CN/HC/NC/control/"
+                        "healthy/normal/0 or the manifest's one other value count as healthy, "
+                        "and any other value is refused")
+    p.add_argument("--overwrite", action="store_true",
+                   help="retrain a run folder that already holds a classifier (the new files "
+                        "replace the old ones only when training completes)")
     p.set_defaults(func=_cmd_train_classifier)
 
     p = _command(sub, "fit", "fit the conditional warping simulator for a run's classifier")

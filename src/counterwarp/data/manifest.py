@@ -4,12 +4,16 @@ A manifest is a CSV file with a header holding at least ``path`` and ``label``, 
 ``subject`` and any other columns (covariates, kept as strings in ``ManifestRow.extras``).
 Relative paths resolve against the manifest's folder. Commas, semicolons and tabs are
 accepted as separators; a UTF-8 byte-order mark and blank lines are ignored.
+
+Labels are 0 (healthy) / 1 (diseased), or strings with ``positive_label`` naming the
+diseased value and the healthy ones known (see :mod:`counterwarp.data.labels`).
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import math
 import os
 import re
 from collections import Counter
@@ -21,13 +25,16 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from counterwarp.data.labels import check_label_mapping, parse_negative_labels
 from counterwarp.data.preprocess import (
     LoadedVolume,
     image_spatial_shape,
     load_volume,
+    resolve_image_path,
     zscore_in_brain,
 )
 from counterwarp.errors import CounterwarpError
+from counterwarp.limits import check_fits, check_grid
 
 SPLIT_PARTS: tuple[str, str, str] = ("train", "val", "test")
 _NIFTI_SUFFIXES = (".nii.gz", ".nii", ".hdr", ".img", ".mgz", ".mgh")
@@ -117,26 +124,36 @@ def resolve_manifest_path(manifest: str | os.PathLike[str]) -> Path:
 
 
 def read_manifest(
-    manifest: str | os.PathLike[str], positive_label: str | None = None
+    manifest: str | os.PathLike[str],
+    positive_label: str | None = None,
+    negative_labels: str | Sequence[str] | None = None,
 ) -> list[ManifestRow]:
     """Read and validate a manifest CSV.
 
     Args:
         manifest: CSV file (or a folder holding ``manifest.csv``).
-        positive_label: label value meaning "diseased" (-> 1); every other value -> 0.
-            None: labels must be 0/1.
+        positive_label: label value meaning "diseased" (-> 1). None: labels must be 0/1.
+        negative_labels: with ``positive_label``, the values meaning "healthy" (-> 0), as a
+            sequence or one comma-separated string; None: see
+            :mod:`counterwarp.data.labels`. Any other value is refused.
 
     Returns:
         the rows in file order.
 
     Raises:
         CounterwarpError: missing manifest; no ``path`` / ``label`` column; no rows; missing
-            image file; label not 0/1 (without ``positive_label``); ``positive_label`` never
-            occurs; only one class; the same image listed twice.
+            image file or a symbolic-link loop; label not 0/1 (without ``positive_label``);
+            ``positive_label`` never occurs; a label neither positive nor known healthy;
+            only one class; the same image listed twice.
     """
     manifest_path = resolve_manifest_path(manifest)
     if positive_label is not None:
         positive_label = str(positive_label).strip()
+    negatives = parse_negative_labels(negative_labels)
+    if negatives is not None and positive_label is None:
+        raise CounterwarpError(
+            "--negative-labels needs --positive-label (which value means diseased)"
+        )
     try:
         text = manifest_path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as error:
@@ -201,7 +218,10 @@ def read_manifest(
         image_path = Path(raw_path).expanduser()
         if not image_path.is_absolute():
             image_path = base / image_path
-        image_path = image_path.resolve()
+        try:
+            image_path = resolve_image_path(image_path)
+        except CounterwarpError as error:
+            raise CounterwarpError(f"manifest {manifest_path}, line {line}: {error}") from None
         subject = raw[subject_key] if subject_key else ""
         if not subject:
             subject = nifti_stem(image_path)
@@ -213,13 +233,7 @@ def read_manifest(
         rows.append(ManifestRow(line, image_path, label, subject, extras))
 
     if positive_label is not None:
-        seen = sorted({raw[label_key] for _, raw in raw_rows})
-        if positive_label not in seen:
-            shown = ", ".join(repr(v) for v in seen[:10])
-            raise CounterwarpError(
-                f"manifest {manifest_path}: positive label {positive_label!r} never occurs in "
-                f"column 'label' (values seen: {shown}). Check the spelling."
-            )
+        check_label_mapping(raw_rows, label_key, positive_label, negatives, manifest_path)
 
     missing = [row for row in rows if not row.path.is_file()]
     if missing:
@@ -298,7 +312,16 @@ class ManifestDataset(Dataset):
                     f"shape {shape} does not fit {self.dim}D images; give {self.dim} positive "
                     "sizes."
                 )
+            check_grid(shape, f"--shape {' '.join(str(n) for n in shape)}")
             self.spatial_shape = shape
+        if cache:
+            n_voxels = math.prod(self.spatial_shape)
+            check_fits(
+                f"caching {len(self.rows)} images of {' x '.join(map(str, self.spatial_shape))}",
+                4 * n_voxels * len(self.rows),
+                "Use a smaller --shape, or fewer images per run.",
+                n_voxels=n_voxels,
+            )
         self.cache = cache
         self._cache: dict[int, torch.Tensor] = {}
 

@@ -17,7 +17,14 @@ Axes
 ----
 A 2D NIfTI (two axes) is a 2D image. Trailing singleton axes beyond the second are dropped
 (``(X, Y, 1)`` is a 2D slice, ``(X, Y, Z, 1)`` a 3D volume); a non-singleton fourth axis
-(time series, vector image) is refused.
+(time series, vector image) is refused, and so is a single-voxel axis among the spatial ones
+(``(X, 1, Z)``: a one-voxel-thick slab, which the model grid would stretch into a volume).
+
+Checked before any voxel is used
+--------------------------------
+:func:`image_spatial_shape` (the cheap check every command runs on all its inputs before
+writing anything) and :func:`load_volume` run :mod:`counterwarp.data.checks` (gzip
+integrity, data type, affine, declared size) besides the axes above.
 
 Intensities
 -----------
@@ -27,6 +34,7 @@ background at 0, as the paper does for skull-stripped T1 images.
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 from dataclasses import dataclass
@@ -36,7 +44,9 @@ import numpy as np
 import torch
 
 from counterwarp._io import save_nifti_atomic
+from counterwarp.data.checks import check_affine, check_dtype, check_size, verify_compressed_stream
 from counterwarp.errors import CounterwarpError
+from counterwarp.limits import check_grid
 
 PREPROCESSING_INFO: dict[str, str] = {
     "resample": "linear (scipy.ndimage, order 1, voxel centres aligned, Gaussian prefilter "
@@ -93,13 +103,57 @@ def _spatial_shape(file_shape: tuple[int, ...], path: Path) -> tuple[int, ...]:
         raise CounterwarpError(
             f"{path}: image has shape {file_shape}; counterwarp needs a 2D or 3D image."
         )
+    thin = [axis for axis, n in enumerate(shape) if n == 1]
+    if thin:
+        raise CounterwarpError(
+            f"{path}: image has shape {file_shape}; axis {thin[0]} is one voxel thick, so it "
+            f"is not a {len(shape)}D image (the model grid would stretch that single "
+            f"{'slice' if len(shape) == 3 else 'line'} across it). Give a full "
+            f"{len(shape)}D image, or save a 2D slice with shape (X, Y) or (X, Y, 1)."
+        )
     return shape
+
+
+def resolve_image_path(path: str | os.PathLike[str]) -> Path:
+    """The absolute, resolved path of an image; CounterwarpError for a symbolic-link loop."""
+    path = Path(path).expanduser()
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError) as error:  # RuntimeError: "Symlink loop" (Python < 3.13)
+        raise CounterwarpError(
+            f"{path}: a symbolic-link loop (the link points back to itself, {error}); "
+            "point it at the image file or list the file itself."
+        ) from None
+
+
+def _checked_image(path: Path):  # -> (nibabel SpatialImage, spatial shape)
+    """Open ``path`` and run every check that needs no voxel data (see the module doc)."""
+    image = _open_image(path)
+    check_dtype(image, path)
+    spatial = _spatial_shape(tuple(image.shape), path)
+    check_size(image, path)
+    check_affine(image, path)
+    verify_compressed_stream(path)
+    return image, spatial
 
 
 def _open_image(path: Path):  # -> nibabel SpatialImage
     import nibabel as nib
 
     if not path.exists():
+        if path.is_symlink():
+            try:
+                os.stat(path)
+            except OSError as error:
+                if error.errno == errno.ELOOP:
+                    raise CounterwarpError(
+                        f"{path}: a symbolic-link loop ({error.strerror}); point the link at "
+                        "the image file or give the file itself."
+                    ) from None
+            raise CounterwarpError(
+                f"{path}: a symbolic link to a missing file ({os.readlink(path)}); fix the link "
+                "or give the image file itself."
+            )
         raise CounterwarpError(f"image file not found: {path}")
     if path.is_dir():
         raise CounterwarpError(f"{path} is a folder, expected a NIfTI file (.nii or .nii.gz)")
@@ -123,14 +177,17 @@ def _open_image(path: Path):  # -> nibabel SpatialImage
 
 
 def image_spatial_shape(path: str | os.PathLike[str]) -> tuple[int, ...]:
-    """Spatial shape of an image file from its header only (cheap), singleton axes dropped.
+    """Spatial shape of an image file, singleton axes dropped, after every check that needs
+    no voxel data: header, data type, axes, declared size, affine, and the integrity of a
+    compressed stream (decompressed once per file and process, nothing kept).
 
     Raises:
-        CounterwarpError: unreadable file, or not a 2D / 3D image.
+        CounterwarpError: unreadable file, not a 2D / 3D image, a one-voxel-thick axis,
+            complex or RGB / vector data, a NaN / Inf / singular affine, a declared size
+            beyond the voxel cap or the memory available, a corrupt gzip / bzip2 stream.
     """
-    path = Path(path)
-    image = _open_image(path)
-    return _spatial_shape(tuple(image.shape), path)
+    path = Path(path).expanduser()
+    return _checked_image(path)[1]
 
 
 def _check_shape_argument(shape: tuple[int, ...] | None, dim: int, path: Path) -> None:
@@ -138,8 +195,10 @@ def _check_shape_argument(shape: tuple[int, ...] | None, dim: int, path: Path) -
         return
     if len(shape) != dim or any(int(n) < 1 for n in shape):
         raise CounterwarpError(
-            f"{path}: requested model shape {tuple(shape)} does not fit a {dim}D image; "
-            f"give {dim} positive sizes (e.g. --shape {' '.join(['32'] * dim)})."
+            f"{path}: the model grid {tuple(shape)} does not fit a {dim}D image; give "
+            f"{len(shape)}D images like the ones the model was trained on, or train a model "
+            f"for {dim}D images (`counterwarp train-classifier --shape "
+            f"{' '.join(['32'] * dim)}`)."
         )
 
 
@@ -190,14 +249,17 @@ def load_volume(path: str | os.PathLike[str], shape: tuple[int, ...] | None = No
         a :class:`LoadedVolume` whose ``data`` is float32 of ``shape`` (raw intensities).
 
     Raises:
-        CounterwarpError: unreadable / not NIfTI / truncated file, 4D image, NaN or Inf
-            voxels, constant image, or a ``shape`` of the wrong length.
+        CounterwarpError: everything :func:`image_spatial_shape` refuses, NaN or Inf
+            voxels, a constant image, or a ``shape`` of the wrong length or too large.
     """
-    path = Path(path).expanduser().resolve()
-    image = _open_image(path)
+    path = resolve_image_path(path)
+    image, native_shape = _checked_image(path)
     original_shape = tuple(int(n) for n in image.shape)
-    native_shape = _spatial_shape(original_shape, path)
     _check_shape_argument(shape, len(native_shape), path)
+    if shape is not None:
+        check_grid(shape, f"model grid {tuple(int(n) for n in shape)} for {path}",
+                   fix="A run's grid comes from its classifier: retrain it on a smaller grid "
+                   "(`counterwarp train-classifier --shape 64 64 64`).")
     try:
         values = np.asarray(image.get_fdata(dtype=np.float32), dtype=np.float32)
     except Exception as error:

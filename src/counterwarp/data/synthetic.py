@@ -40,7 +40,8 @@ Grids and images:
 
 Output folder layout (all files written atomically; an existing cohort in ``out`` is
 overwritten file by file; files of an earlier, larger cohort that this run does not write
-are left in place, the manifest is authoritative):
+are left in place, the manifest is authoritative; a file that no counterwarp command wrote
+into ``out`` is never replaced without ``overwrite=True``):
 
 - ``images/<id>.nii.gz``: float32 image, ``id`` = ``sub-0001`` ...
 - ``manifest.csv``: ``path,label,subject,severity,age`` (path relative to the manifest
@@ -71,7 +72,12 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from counterwarp._io import save_nifti_atomic, write_json_atomic, write_text_atomic
+from counterwarp._io import (
+    save_nifti_atomic,
+    write_json_atomic,
+    write_text_atomic,
+    writing_folder,
+)
 from counterwarp.data.effects import (
     SCALING_SQUARING_STEPS,
     TAPER_OUTER,
@@ -202,6 +208,7 @@ def synth(
     seed: int = 0,
     effect_spec: EffectSpec | Mapping[str, Any] | str | os.PathLike[str] | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> Path:
     """Generate a synthetic cohort with ground-truth volume change; return the manifest path.
 
@@ -218,20 +225,37 @@ def synth(
         effect_spec: None (:func:`default_effect_spec`), an :class:`EffectSpec`, a dict, or
             a path to a JSON file.
         progress: show a tqdm progress bar.
+        overwrite: replace files in ``out`` that no counterwarp command wrote there
+            (without it such a file is refused, and ``out`` is left as it was).
 
     Returns:
         Path of ``out/manifest.csv``. See the module docstring for every file written.
+
+    Writing holds ``out``'s lock (a second writer is refused). Files a previous ``synth``
+    wrote into ``out`` are replaced; any other file that this cohort would replace is
+    refused unless ``overwrite``. A failure while writing (a full disk, a refused file)
+    removes what this call wrote and restores what it replaced.
     """
-    from tqdm.auto import tqdm
-
-    from counterwarp import __version__
-
     n, fraction, strength, seed = _check_arguments(n, diseased_fraction, effect, seed)
     spec = load_effect_spec(effect_spec)
     grid = make_grid(shape, dim)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise CounterwarpError(f"output {out} exists and is not a folder; choose another --out")
+    with writing_folder(out, "a cohort", overwrite=overwrite,
+                        hint="move it away, choose another --out, or pass --overwrite"):
+        return _write_cohort(out, n, fraction, strength, seed, spec, grid, progress)
+
+
+def _write_cohort(
+    out: Path, n: int, fraction: float, strength: float, seed: int, spec: EffectSpec,
+    grid: SyntheticGrid, progress: bool,
+) -> Path:
+    """The body of :func:`synth` (arguments checked), run while holding ``out``'s lock."""
+    from tqdm.auto import tqdm
+
+    from counterwarp import __version__
+
     template = Template(grid)
     d = grid.dim
     width = max(4, len(str(n)))

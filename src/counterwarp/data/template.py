@@ -17,6 +17,7 @@ import numpy as np
 from scipy import ndimage
 
 from counterwarp.errors import CounterwarpError
+from counterwarp.limits import check_grid
 
 __all__ = [
     "CORONAL_SLICE_Y_MM",
@@ -114,6 +115,7 @@ def _check_shape(shape: Sequence[int] | None, dim: int) -> tuple[int, ...]:
         raise CounterwarpError(
             f"shape {values}: every size must be at least {MIN_SIZE} voxels to hold a brain"
         )
+    check_grid(values, f"--shape {' '.join(str(s) for s in values)}", bytes_per_voxel=64)
     return values
 
 

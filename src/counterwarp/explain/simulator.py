@@ -14,7 +14,6 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from counterwarp._io import save_torch_atomic
 from counterwarp.errors import CounterwarpError
 from counterwarp.geometry.volume import folding_fraction, log_volume_change
 from counterwarp.losses import moved_by_margin
@@ -22,6 +21,7 @@ from counterwarp.nn.classifier import classifier_logits, freeze
 from counterwarp.nn.simulator import DIRECTIONS, SimulatorNet, simulate
 from counterwarp.train.config import FitConfig
 from counterwarp.train.simulator import fit_simulator
+from counterwarp.train.staging import save_torch_file
 
 SIMULATOR_FORMAT = "counterwarp.simulator_model"
 SIMULATOR_VERSION = 1
@@ -146,6 +146,8 @@ class Simulator:
         self.logit_mean_: float | None = None
         self.logit_std_: float | None = None
         self.history_: list[dict[str, float]] = []
+        #: ``*_sha256`` digests the loaded file records of what it was fitted for.
+        self.provenance_: dict[str, str] = {}
 
     def fit(
         self,
@@ -156,16 +158,21 @@ class Simulator:
         resume: bool = False,
         progress: bool = True,
         device: str | torch.device | None = None,
+        bindings: dict[str, str] | None = None,
+        swap_in: bool = True,
     ) -> Simulator:
         """Train the simulator for ``classifier`` on ``data`` and return ``self``.
 
         ``data`` is a tensor (N, 1, *S) or a dataset of ``(image (1, *S), label)`` items,
-        preprocessed the way the classifier expects. The classifier is frozen.
+        preprocessed the way the classifier expects. The classifier is frozen. ``run_dir``,
+        ``resume``, ``bindings`` and ``swap_in``: see
+        :func:`counterwarp.train.simulator.fit_simulator` (checkpoints are staged and
+        swapped into ``run_dir`` only when the fit completes).
         """
         images = _as_image_tensor(data)
         result = fit_simulator(
             classifier, images, self.config, run_dir=run_dir, resume=resume,
-            progress=progress, device=device,
+            progress=progress, device=device, bindings=bindings, swap_in=swap_in,
         )
         self.net_ = result.net
         self.classifier_ = classifier
@@ -194,7 +201,8 @@ class Simulator:
         if images.ndim != len(expected) + 2 or tuple(images.shape[2:]) != expected:
             raise CounterwarpError(
                 f"images of shape {tuple(images.shape)} do not match the simulator's input "
-                f"(B, 1, {', '.join(map(str, expected))}); resample them (--shape) first"
+                f"(B, 1, {', '.join(map(str, expected))}); resample them to that grid first "
+                f"(counterwarp.data.preprocess.load_model_input(path, shape) does)"
             )
         device = next(net.parameters()).device
         net.eval()
@@ -234,10 +242,18 @@ class Simulator:
         simulated = simulate(net, x, condition)[0]
         return simulate(net, simulated, -condition)[0].cpu()
 
-    def save(self, path: str | Path) -> Path:
-        """Write the fitted simulator (weights + JSON-able settings) atomically."""
+    def save(self, path: str | Path, extra: dict[str, str] | None = None) -> Path:
+        """Write the fitted simulator (weights + JSON-able settings) atomically.
+
+        ``extra``: ``*_sha256`` digests of what it was fitted for (``classifier_sha256``),
+        stored in the file and read back into :attr:`provenance_` by :meth:`load`.
+        """
         net, _, margin = self._check_fitted()
+        extra = dict(extra or {})
+        if not all(k.endswith("_sha256") and isinstance(v, str) for k, v in extra.items()):
+            raise CounterwarpError(f"simulator extra entries must be '*_sha256' strings: {extra}")
         payload = {
+            **extra,
             "format": SIMULATOR_FORMAT,
             "version": SIMULATOR_VERSION,
             "net_config": net.config,
@@ -247,7 +263,7 @@ class Simulator:
             "logit_std": self.logit_std_,
             "state_dict": net.state_dict(),
         }
-        return save_torch_atomic(path, payload)
+        return save_torch_file(path, payload)
 
     @classmethod
     def load(
@@ -313,4 +329,8 @@ class Simulator:
         simulator.margin_ = margin
         simulator.logit_mean_ = payload.get("logit_mean")
         simulator.logit_std_ = payload.get("logit_std")
+        simulator.provenance_ = {
+            key: value for key, value in payload.items()
+            if key.endswith("_sha256") and isinstance(value, str)
+        }
         return simulator

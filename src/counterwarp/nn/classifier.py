@@ -28,6 +28,7 @@ from torch import nn
 
 from counterwarp._io import save_torch_atomic
 from counterwarp.errors import CounterwarpError
+from counterwarp.limits import check_fits, check_grid
 
 CHECKPOINT_FORMAT = "counterwarp.classifier"
 CHECKPOINT_VERSION = 1
@@ -78,7 +79,39 @@ def _validate_config(
         or not 0.0 <= dropout < 1.0
     ):
         raise CounterwarpError(f"classifier dropout must be a number in [0, 1), got {dropout!r}")
+    _check_size(tuple(input_shape), tuple(channels), int(hidden))
     return tuple(input_shape), tuple(channels), int(hidden), float(dropout)
+
+
+def _parameter_count(
+    input_shape: tuple[int, ...], channels: tuple[int, ...], hidden: int
+) -> int:
+    """Number of parameters :class:`Classifier` would allocate (computed, not built)."""
+    kernel = 3 ** len(input_shape)
+    widths = (1, *channels)
+    pairs = zip(widths[:-1], widths[1:], strict=True)
+    conv = sum(kernel * c_in * c_out + 3 * c_out for c_in, c_out in pairs)
+    pools = min(len(channels), int(math.floor(math.log2(min(input_shape)))))
+    flat = channels[-1] * math.prod(n // 2**pools for n in input_shape)
+    return conv + flat * hidden + 2 * hidden + 1
+
+
+def _check_size(input_shape: tuple[int, ...], channels: tuple[int, ...], hidden: int) -> None:
+    """Refuse a configuration whose input grid or weights cannot fit, before allocating."""
+    shape = list(input_shape)
+    check_grid(
+        input_shape, f"classifier input_shape {shape}", bytes_per_voxel=4 * (1 + channels[0]),
+        fix="The checkpoint's config is damaged or made for another machine; retrain the "
+        "classifier on a smaller --shape.",
+    )
+    n_parameters = _parameter_count(input_shape, channels, hidden)
+    check_fits(
+        f"classifier config (input_shape {shape}, channels {list(channels)}, hidden {hidden}) "
+        f"asks for {n_parameters:,} weights",
+        4 * n_parameters,
+        "The checkpoint's config is damaged or made for another machine; retrain the "
+        "classifier with a smaller --shape.",
+    )
 
 
 class Classifier(nn.Module):
@@ -322,7 +355,10 @@ def load_classifier(
             f"{path}: classifier checkpoint version {version!r} is not supported by this "
             f"counterwarp (up to {CHECKPOINT_VERSION}); upgrade counterwarp."
         )
-    model = Classifier.from_config(payload.get("config"))
+    try:
+        model = Classifier.from_config(payload.get("config"))
+    except CounterwarpError as error:
+        raise CounterwarpError(f"{path}: {error}") from None
     state_dict = payload.get("state_dict")
     if not isinstance(state_dict, dict):
         raise CounterwarpError(f"{path}: classifier checkpoint has no weights (state_dict)")

@@ -39,6 +39,7 @@ from torch import nn
 from counterwarp.errors import CounterwarpError
 from counterwarp.geometry.smooth import gaussian_smooth
 from counterwarp.geometry.warp import integrate_velocity, warp
+from counterwarp.limits import check_fits, check_grid
 from counterwarp.nn.blocks import (
     NORMS,
     ConditionalBottleneck,
@@ -123,7 +124,39 @@ def _validated(cfg: dict[str, Any]) -> dict[str, Any]:
             f"SimulatorNet: input_shape {list(shape)} cannot be pooled by 2 (every size must be "
             "even and >= 4). Pad or crop images to a multiple of 16 voxels per axis."
         )
+    _check_size(shape, channels, out["latent_dim"], out["num_experts"])
     return out
+
+
+def _parameter_estimate(
+    shape: tuple[int, ...], channels: tuple[int, ...], latent_dim: int, num_experts: int
+) -> int:
+    """About how many weights :class:`SimulatorNet` would allocate (computed, not built):
+    the expert kernels of every CondConv and the two bottleneck FC layers."""
+    levels = num_levels(shape, len(channels) - 1)
+    kernel = 3 ** len(shape)
+    pairs = sum(channels[i] * channels[i + 1] for i in range(levels))
+    convs = num_experts * kernel * (channels[0] + 2 * pairs + channels[0] * len(shape))
+    flat = channels[levels] * math.prod(n // 2**levels for n in shape)
+    return convs + 2 * flat * (latent_dim + 1)
+
+
+def _check_size(
+    shape: tuple[int, ...], channels: tuple[int, ...], latent_dim: int, num_experts: int
+) -> None:
+    """Refuse an input grid or a weight count that cannot fit, before allocating."""
+    fix = (
+        "The config is damaged or made for another machine; fit the simulator on smaller "
+        "images (or with fewer channels / a smaller latent_dim)."
+    )
+    check_grid(shape, f"SimulatorNet: input_shape {list(shape)}",
+               bytes_per_voxel=4 * (2 + 2 * channels[0]), fix=fix)
+    n_weights = _parameter_estimate(shape, channels, latent_dim, num_experts)
+    check_fits(
+        f"SimulatorNet: input_shape {list(shape)}, channels {list(channels)}, latent_dim "
+        f"{latent_dim}, num_experts {num_experts} ask for about {n_weights:,} weights",
+        4 * n_weights, fix,
+    )
 
 
 class SimulatorNet(nn.Module):

@@ -2,7 +2,9 @@
 
 Pure: arrays in, arrays and numbers out. Per voxel over N maps ``m_i``: mean, one-sample t
 ``mean / (sd / sqrt(N))`` (sd with N - 1 degrees of freedom), two-sided p from Student's t
-with N - 1 degrees of freedom, and a Benjamini-Hochberg FDR mask at level ``q``.
+with N - 1 degrees of freedom, and a Benjamini-Hochberg FDR mask at level ``q``. A voxel
+whose maps all agree (zero spread) has no t statistic: it gets ``t = 0``, ``p = 1`` and is
+left out of the FDR tests, so it never survives.
 """
 
 from __future__ import annotations
@@ -62,10 +64,14 @@ def group_statistics(
         q: false discovery rate for the Benjamini-Hochberg mask.
 
     Returns:
-        ``mean``, ``sd`` (N - 1 dof), ``t``, ``p`` (float64 ``(*S)``) and ``fdr`` (bool
-        ``(*S)``). Where the t statistic is undefined (fewer than 2 finite values, or zero
-        spread and zero mean) ``t = 0`` and ``p = 1``; zero spread with a non-zero mean gives
-        ``t = +-inf`` and ``p = 0``. Outside ``mask``, ``t = 0``, ``p = 1``, ``fdr = False``.
+        ``mean``, ``sd`` (N - 1 dof), ``t``, ``p`` (float64 ``(*S)``), ``fdr`` (bool
+        ``(*S)``) and ``zero_spread`` (bool ``(*S)``, tested voxels whose finite values are
+        all equal, up to rounding: at most 8 float64 epsilons of their magnitude apart).
+        The t statistic is undefined at a zero-spread voxel (identical maps say nothing
+        about the variability a t-test needs): there ``t = 0``, ``p = 1`` and ``sd = 0``,
+        and the voxel is not one of the FDR tests, so it never survives. With fewer than 2
+        finite values ``t = 0`` and ``p = 1``. Outside ``mask``, ``t = 0``, ``p = 1``,
+        ``fdr = False``.
     """
     values = np.asarray(maps, dtype=np.float64)
     if values.ndim < 2 or values.shape[0] < 2:
@@ -84,17 +90,22 @@ def group_statistics(
         squares = np.where(finite, (values - mean) ** 2, 0.0).sum(axis=0)
         sd = np.sqrt(squares / np.maximum(count - 1, 1))
         t = mean / (sd / np.sqrt(np.maximum(count, 1)))
-    zero_spread = ~(sd > 0)
-    t = np.where(zero_spread & (mean == 0), 0.0, t)
-    t = np.where(zero_spread & (mean != 0), np.copysign(np.inf, mean), t)
-    t = np.where(count >= 2, t, 0.0)
+    high = np.where(finite, values, -np.inf).max(axis=0)
+    low = np.where(finite, values, np.inf).min(axis=0)
+    size = np.maximum(np.abs(high), np.abs(low))
+    with np.errstate(invalid="ignore"):
+        zero_spread = (count >= 2) & (high - low <= 8 * np.finfo(np.float64).eps * size)
+    defined = (count >= 2) & ~zero_spread
+    t = np.where(defined, t, 0.0)
     dof = np.maximum(count - 1, 1)
     p = 2.0 * stats.t.sf(np.abs(t), dof)
-    p = np.where(count >= 2, p, 1.0)
+    p = np.where(defined, p, 1.0)
     t = np.where(tested, t, 0.0)
     p = np.where(tested, p, 1.0)
+    sd = np.where(zero_spread, 0.0, sd)
     mean = np.where(count > 0, mean, np.nan)
-    return {"mean": mean, "sd": sd, "t": t, "p": p, "fdr": fdr_mask(p, q, tested)}
+    return {"mean": mean, "sd": sd, "t": t, "p": p,
+            "fdr": fdr_mask(p, q, tested & ~zero_spread), "zero_spread": zero_spread & tested}
 
 
 def region_table(

@@ -10,6 +10,11 @@ Files written to the run folder ``out``:
   train / val / test for the kept weights (see ``select_by``),
 - ``classifier_log.csv``: one line per epoch.
 
+They are staged in ``out/.classifier-staging`` and swapped in together at the end
+(:mod:`counterwarp.train.staging`): a failed or killed training leaves ``out`` as it was.
+``classifier.pt`` records ``split_sha256``; a trained ``out`` is retrained only with
+``overwrite=True``, after which its old ``simulator.pt`` is refused until ``fit`` reruns.
+
 Training: Adam (weight decay 1e-4, cosine learning-rate decay to 5% of ``lr``),
 BCE-with-logits (positive class weighted by the class ratio), BatchNorm statistics
 recomputed over the unaugmented training part before each validation. By default the
@@ -80,6 +85,13 @@ from counterwarp.train.common import (
     configure_torch_threads,
     seed_everything,
 )
+from counterwarp.train.guards import (
+    check_arguments,
+    check_not_trained,
+    check_split,
+    check_training_loss,
+)
+from counterwarp.train.staging import CLASSIFIER_STAGING, Staging, disk_errors, file_digest
 
 WEIGHT_DECAY = 1e-4
 """Adam weight decay (L2) of the classifier's parameters."""
@@ -143,43 +155,6 @@ def _row_record(row: ManifestRow) -> dict[str, Any]:
     return {"path": str(row.path), "label": row.label, "subject": row.subject, "line": row.line}
 
 
-def _check_arguments(
-    epochs: int, batch_size: int, lr: float, fractions: Sequence[float]
-) -> tuple[float, float, float]:
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-        raise CounterwarpError(f"epochs must be a positive integer, got {epochs!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 2:
-        raise CounterwarpError(
-            f"batch size must be an integer >= 2 (BatchNorm needs 2 images), got {batch_size!r}"
-        )
-    if not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
-        raise CounterwarpError(f"learning rate must be a positive number, got {lr!r}")
-    if len(fractions) != 3:
-        raise CounterwarpError(f"fractions must be (train, val, test), got {tuple(fractions)}")
-    parts = tuple(float(f) for f in fractions)
-    if any(not math.isfinite(f) or f <= 0 for f in parts) or abs(sum(parts) - 1) > 1e-6:
-        raise CounterwarpError(
-            f"fractions {parts} must be three positive numbers summing to 1 (train, val, test)"
-        )
-    return parts  # type: ignore[return-value]
-
-
-def _check_split(rows: list[ManifestRow], split: dict[str, list[int]], manifest: Path) -> None:
-    for name in SPLIT_PARTS:
-        if not split[name]:
-            raise CounterwarpError(
-                f"manifest {manifest}: too few subjects ({len({r.subject for r in rows})}) for a "
-                f"train / val / test split ({name} would be empty); add images or change "
-                "the fractions."
-            )
-    train_labels = {rows[i].label for i in split["train"]}
-    if len(train_labels) < 2:
-        raise CounterwarpError(
-            f"manifest {manifest}: the training part has only label {train_labels.pop()}; "
-            "add subjects of the other class."
-        )
-
-
 SELECTION_RULES: dict[str, str] = {
     "val_loss": "lowest validation loss",
     "val_auc": "highest validation AUC, ties by lower validation loss",
@@ -222,11 +197,13 @@ def train_classifier(
     seed: int = 0,
     shape: tuple[int, ...] | None = None,
     positive_label: str | None = None,
+    negative_labels: str | Sequence[str] | None = None,
     fractions: tuple[float, float, float] = (0.7, 0.15, 0.15),
     progress: bool = True,
     device: str | torch.device | None = None,
     augmentation: dict[str, float] | None = None,
     select_by: str = "last",
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Train the paper's CNN on a manifest; keep the weights chosen by ``select_by``.
 
@@ -242,6 +219,8 @@ def train_classifier(
         shape: model grid ``(H, W)`` / ``(D, H, W)`` in voxels; None keeps the images' own
             (common) shape.
         positive_label: label value meaning diseased when labels are not 0/1.
+        negative_labels: the values meaning healthy beside ``positive_label`` ("CN,HC" or a
+            list; see :func:`~counterwarp.data.manifest.read_manifest`); kept in split.json.
         fractions: (train, val, test) fractions of subjects, all positive.
         progress: show progress bars (stderr).
         device: "cpu", "cuda", ...; None picks CUDA when available.
@@ -250,6 +229,13 @@ def train_classifier(
             turns augmentation off.
         select_by: which epoch's weights to keep: "last" (default), "val_loss" (lowest
             validation loss) or "val_auc" (highest validation AUC, ties by lower loss).
+        overwrite: retrain into an ``out`` that already holds a classifier (refused
+            otherwise); the new files replace the old ones only once all are written.
+
+    Raises:
+        CounterwarpError: bad arguments or data, ``out`` already trained (without
+            ``overwrite``), a training loss that became NaN/Inf or exploded (above
+            :data:`EXPLODING_LOSS`), a full disk; ``out`` is then unchanged.
 
     Returns:
         the content of ``classifier_metrics.json``: ``{"test": {...}, "val": {...},
@@ -260,13 +246,14 @@ def train_classifier(
     from tqdm.auto import tqdm
 
     started = time.perf_counter()
-    fractions = _check_arguments(epochs, batch_size, lr, fractions)
+    fractions = check_arguments(epochs, batch_size, lr, fractions)
     augment_settings = augmentation_settings(augmentation)
     if select_by not in SELECTION_RULES:
         raise CounterwarpError(f"select_by {select_by!r} is not one of {sorted(SELECTION_RULES)}")
     out = Path(out).expanduser()
     if out.exists() and not out.is_dir():
         raise CounterwarpError(f"--out {out} exists and is not a folder")
+    check_not_trained(out, overwrite)
     threads = configure_torch_threads()
     generator = seed_everything(seed)
     group = distributed.current()
@@ -274,26 +261,33 @@ def train_classifier(
     progress = progress and group.is_main
     chosen_device = choose_device(distributed.local_device(device))
 
-    rows = read_manifest(manifest, positive_label)
+    rows = read_manifest(manifest, positive_label, negative_labels)
     manifest_path = resolve_manifest_path(manifest)
     split = split_by_subject(rows, fractions, seed)
-    _check_split(rows, split, manifest_path)
+    check_split(rows, split, manifest_path)
     if len(split["train"]) <= batch_size:  # one batch of the whole part: it must split too
         group.check_batch_size(len(split["train"]), "the training part's size")
 
     dataset = ManifestDataset(rows, shape=shape, cache=True)
     dataset.preload(progress=progress)
     lock = folder_lock(out, "a classifier") if group.is_main else contextlib.nullcontext()
-    with lock:
+    staging = Staging(out, CLASSIFIER_STAGING)
+    note = f"the run folder {out} is unchanged"
+    with lock, staging.discarded_on_failure(group.is_main):
+        if group.is_main:
+            check_not_trained(out, overwrite)  # again, under the lock
+            staging.start()  # first finishes a swap a killed command left half done
         split_record = {
             "manifest": str(manifest_path),
             "seed": seed,
             "fractions": list(fractions),
             "positive_label": positive_label,
+            "negative_labels": negative_labels,
             **{name: [_row_record(rows[i]) for i in split[name]] for name in SPLIT_PARTS},
         }
         if group.is_main:
-            write_json_atomic(out / SPLIT_NAME, split_record)
+            with disk_errors(out / SPLIT_NAME, note):
+                write_json_atomic(staging / SPLIT_NAME, split_record)
         parts = {name: Subset(dataset, split[name]) for name in SPLIT_PARTS}
         labels = {name: dataset.labels[split[name]] for name in SPLIT_PARTS}
 
@@ -341,6 +335,7 @@ def train_classifier(
                 seen += len(targets)
             loss_sum, seen = group.sum_values(loss_sum, seen)
             train_loss = loss_sum / max(seen, 1)
+            check_training_loss(train_loss, epoch, lr, out)
             epoch_lr = optimizer.param_groups[0]["lr"]
             scheduler.step()
             if RECALIBRATE_BATCHNORM:
@@ -367,7 +362,8 @@ def train_classifier(
                 }
             )
             if group.is_main:
-                write_text_atomic(out / CLASSIFIER_LOG_NAME, _log_text(log_records))
+                with disk_errors(out / CLASSIFIER_LOG_NAME, note):
+                    write_text_atomic(staging / CLASSIFIER_LOG_NAME, _log_text(log_records))
             bar.set_postfix(loss=f"{train_loss:.3f}", val_auc=f"{val_auc:.3f}")
         bar.close()
 
@@ -411,22 +407,28 @@ def train_classifier(
             }
         )
         if group.is_main:
-            save_classifier(
-                out / CLASSIFIER_NAME,
-                model,
-                {
-                    "input_shape": list(dataset.spatial_shape),
-                    "dim": dataset.dim,
-                    "preprocessing": dict(PREPROCESSING_INFO),
-                    "positive_label": positive_label,
-                    "manifest": str(manifest_path),
-                    "seed": seed,
-                    "training": training_settings,
-                    "best_epoch": best_epoch,
-                    "train_logit_mean": metrics["train_logit_mean"],
-                    "train_logit_std": metrics["train_logit_std"],
-                    "counterwarp_version": __version__,
-                },
-            )
-            write_json_atomic(out / CLASSIFIER_METRICS_NAME, metrics)
+            with disk_errors(out / CLASSIFIER_NAME, note):
+                save_classifier(
+                    staging / CLASSIFIER_NAME,
+                    model,
+                    {
+                        "input_shape": list(dataset.spatial_shape),
+                        "dim": dataset.dim,
+                        "preprocessing": dict(PREPROCESSING_INFO),
+                        "positive_label": positive_label,
+                        "manifest": str(manifest_path),
+                        "seed": seed,
+                        "training": training_settings,
+                        "best_epoch": best_epoch,
+                        "train_logit_mean": metrics["train_logit_mean"],
+                        "train_logit_std": metrics["train_logit_std"],
+                        "counterwarp_version": __version__,
+                        "split_sha256": file_digest(staging / SPLIT_NAME),
+                    },
+                )
+            with disk_errors(out / CLASSIFIER_METRICS_NAME, note):
+                write_json_atomic(staging / CLASSIFIER_METRICS_NAME, metrics)
+            staging.commit([SPLIT_NAME, CLASSIFIER_LOG_NAME, CLASSIFIER_METRICS_NAME,
+                            CLASSIFIER_NAME])
         return metrics
+

@@ -9,7 +9,11 @@ objective and its two schedules (``joint``, ``alternating``) are in
 
 Checkpoints (``simulator_checkpoint.pt``, :mod:`counterwarp.train.checkpoint`) are written
 atomically every ``checkpoint_every`` steps and hold the model, the optimisers, the step and
-every random state, so a resumed run reaches the same weights as an uninterrupted one.
+every random state, so a resumed run reaches the same weights as an uninterrupted one. They
+and the log are written into the run's hidden ``.fit-staging`` folder and swapped into the
+run only when the fit completes (:mod:`counterwarp.train.staging`): a fit that fails (a NaN, a
+full disk, an exception) or is killed leaves the run's files as they were, and its progress
+staged, where ``resume`` finds it.
 
 Under ``torchrun`` (see :mod:`counterwarp.distributed`) ``batch_size`` is the global batch:
 every rank draws it and trains on its contiguous slice, gradients are averaged after each
@@ -19,6 +23,7 @@ rank 0 writes the checkpoint and the log (all ranks resume from the same checkpo
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -31,7 +36,6 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from counterwarp import distributed, global_batchnorm
-from counterwarp._io import save_torch_atomic
 from counterwarp.errors import CounterwarpError
 from counterwarp.nn.classifier import freeze, predict_in_batches
 from counterwarp.nn.simulator import SimulatorNet
@@ -41,15 +45,27 @@ from counterwarp.train.checkpoint import (
     LOG_NAME,
     load_checkpoint,
     random_state,
-    read_log,
-    restore_random_state,
-    restore_rank_random_state,
+    restore_checkpoint,
+    resume_source,
     write_log,
 )
 from counterwarp.train.config import FitConfig
-from counterwarp.train.steps import LossTerms, balanced_batch, train_step
+from counterwarp.train.staging import FIT_STAGING, Staging, disk_errors, save_torch_file
+from counterwarp.train.steps import (
+    LOSS_KEYS,
+    LossTerms,
+    balanced_batch,
+    non_finite_message,
+    train_step,
+)
 
-__all__ = ["FitResult", "build_net", "fit_simulator", "learning_rate", "to_training_layout"]
+__all__ = [
+    "FitResult",
+    "build_net",
+    "fit_simulator",
+    "learning_rate",
+    "to_training_layout",
+]
 
 
 @dataclass
@@ -110,6 +126,8 @@ def fit_simulator(
     device: str | torch.device | None = None,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
     net_factory: Callable[..., nn.Module] | None = None,
+    bindings: dict[str, str] | None = None,
+    swap_in: bool = True,
 ) -> FitResult:
     """Train a conditional simulator that injects/removes what ``classifier`` reads as disease.
 
@@ -117,8 +135,15 @@ def fit_simulator(
         classifier: any module mapping (B, 1, *S) to (B,) or (B, 1) logits; frozen here.
         images: (N, 1, *S) float32 training images, preprocessed as the classifier expects.
         config: settings (defaults: :class:`FitConfig`).
-        run_dir: folder for checkpoints and the per-step CSV log (None: keep nothing).
-        resume: continue from ``run_dir/simulator_checkpoint.pt`` when it exists.
+        run_dir: folder for checkpoints and the per-step CSV log (None: keep nothing). They
+            are written into ``run_dir/.fit-staging`` and moved into ``run_dir`` only when
+            the fit completes, so a fit that fails or is killed changes no file of
+            ``run_dir``; its progress stays staged for ``resume``.
+        resume: continue from the staged checkpoint of an interrupted fit, else from
+            ``run_dir/simulator_checkpoint.pt``, when one exists (see
+            :func:`~counterwarp.train.checkpoint.resume_source`).
+            Every setting must match the checkpoint's, except a larger ``steps`` with the
+            constant learning rate, which extends the fit.
         progress: show a tqdm progress bar with the losses and the moved-by-margin share.
         device: torch device (default: CUDA when available, else CPU; under torchrun
             ``cuda:LOCAL_RANK``).
@@ -126,6 +151,16 @@ def fit_simulator(
         net_factory: builds the network instead of :class:`SimulatorNet`, called with the
             same arguments (e.g. ``TwoSimulators`` for the ablation of two separate
             unconditional simulators).
+        bindings: digests of what the fit is made from (``{"classifier_sha256": ...}``),
+            stored in every checkpoint; resuming from a checkpoint that records another
+            value is refused.
+        swap_in: move the finished fit's checkpoint and log into ``run_dir``; False leaves
+            them staged (``Staging(run_dir, FIT_STAGING)``) for the caller, which adds its
+            own files and commits them together.
+
+    Raises:
+        CounterwarpError: bad settings or images, a resume refused, a loss that became
+            NaN/Inf (naming the value and the likely setting), a full disk.
 
     Returns:
         A :class:`FitResult` with the trained network (eval mode) and the derived margin.
@@ -178,52 +213,20 @@ def fit_simulator(
     start_step = 0
     run_path = Path(run_dir) if run_dir is not None else None
     history: list[dict[str, float]] = []
+    staging: Staging | None = None
     if run_path is not None:
         run_path.mkdir(parents=True, exist_ok=True)
-        checkpoint_path = run_path / CHECKPOINT_NAME
-        if resume and checkpoint_path.exists():
-            state = load_checkpoint(checkpoint_path)
-            if not isinstance(state.get("fit_config"), dict):
-                raise CounterwarpError(
-                    f"{checkpoint_path}: damaged checkpoint (no settings); delete it or start "
-                    f"a new run folder"
-                )
-            try:
-                saved = FitConfig.from_dict(state["fit_config"])
-            except (CounterwarpError, TypeError, ValueError) as error:
-                raise CounterwarpError(
-                    f"{checkpoint_path}: damaged settings ({error}); delete it or start a new "
-                    f"run folder"
-                ) from None
-            if saved.to_dict() != config.to_dict():
-                raise CounterwarpError(
-                    f"{checkpoint_path} was written with other settings; resume with the same "
-                    f"settings or start a new run folder"
-                )
-            start_step = state.get("step")
-            if not isinstance(start_step, int) or not 0 <= start_step <= config.steps:
-                raise CounterwarpError(
-                    f"{checkpoint_path}: step {start_step!r} is not within 0..{config.steps}; "
-                    f"delete the checkpoint or start a new run folder"
-                )
-            try:
-                net.load_state_dict(state["state_dict"])
-                main_opt.load_state_dict(state["optimizer"])
-                if cycle_opt is not None:
-                    cycle_opt.load_state_dict(state["cycle_optimizer"])
-                restore_random_state(state["random_state"], sampler)
-                if group.distributed:
-                    restore_rank_random_state(state["random_state"], group, config, start_step)
-            except (KeyError, TypeError, ValueError, RuntimeError) as error:
-                message = " ".join(str(error).split())[:200]
-                raise CounterwarpError(
-                    f"{checkpoint_path}: damaged checkpoint ({type(error).__name__}: "
-                    f"{message}); delete it or start a new run folder"
-                ) from None
-            history = read_log(run_path / LOG_NAME, start_step)
-        elif not resume and group.is_main:
-            for stale in (checkpoint_path, run_path / LOG_NAME):
-                stale.unlink(missing_ok=True)
+        staging = Staging(run_path, FIT_STAGING)
+        if group.is_main:
+            staging.recover()  # a swap a killed fit left half done
+        group.barrier()
+        source = resume_source(run_path) if resume else None
+        if group.is_main:  # a fresh fit (or one resumed from the run's checkpoint) starts clean
+            staging.start(keep=source is not None and source.parent == staging.folder)
+        if source is not None:
+            start_step, history = restore_checkpoint(
+                source, config, dict(bindings or {}), net, main_opt, cycle_opt, sampler, group
+            )
 
     terms = LossTerms(net, classifier, config, margin)
     average_gradients = (
@@ -235,6 +238,12 @@ def fit_simulator(
     def save_checkpoint(step: int) -> None:
         if run_path is None:
             return
+        if not all(torch.isfinite(t).all() for t in net.state_dict().values()
+                   if t.is_floating_point()):  # a finite loss, then an update that blew up
+            raise CounterwarpError(
+                non_finite_message({}, {"weights": False}, config, margin, step - 1)
+                + _kept_after_failure(run_path, staging)
+            )
         payload: dict[str, Any] = {
             "format": CHECKPOINT_FORMAT,
             "step": step,
@@ -249,12 +258,18 @@ def fit_simulator(
             payload["random_state"]["torch_by_rank"] = group.all_gather(torch.get_rng_state())
         if cycle_opt is not None:
             payload["cycle_optimizer"] = cycle_opt.state_dict()
+        payload.update(bindings or {})
         if not group.is_main:
             group.barrier()  # returns once rank 0 has written the checkpoint
             return
+        assert staging is not None
+        note = (f"the run folder {run_path} is unchanged; this fit's progress is kept in "
+                f"{staging.folder} (`--resume` continues from it; delete it to free space)")
         # the log first: a kill between the two keeps every row (resume drops extra rows)
-        write_log(run_path / LOG_NAME, history)
-        save_torch_atomic(run_path / CHECKPOINT_NAME, payload)
+        with disk_errors(run_path / LOG_NAME, note):
+            write_log(staging / LOG_NAME, history)
+        with disk_errors(run_path / CHECKPOINT_NAME, note):
+            save_torch_file(staging / CHECKPOINT_NAME, payload)
         group.barrier()
 
     net.train()
@@ -280,10 +295,10 @@ def fit_simulator(
                              logit_before, step, after_backward=average_gradients)
         values = group.mean_values(values, values.keys())
         values.update(step=step + 1, lr=lr, seconds=time.perf_counter() - started)
-        if not all(math.isfinite(values[k]) for k in ("loss", "shift", "cycle")):
+        if not all(math.isfinite(values[k]) for k in LOSS_KEYS):
             raise CounterwarpError(
-                f"the simulator loss became NaN/Inf at step {step + 1}; the last good "
-                f"checkpoint is kept; lower --lr or raise the regularisation weights"
+                non_finite_message(values, terms.finite_checks(), config, margin, step)
+                + _kept_after_failure(run_path, staging)
             )
         history.append(values)
         if on_step is not None:
@@ -295,10 +310,29 @@ def fit_simulator(
         if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
             save_checkpoint(step + 1)
     bar.close()
+    if start_step == config.steps:  # resumed at the end: stage the run's state as it is
+        save_checkpoint(config.steps)
+    if staging is not None and swap_in and group.is_main:
+        staging.commit([LOG_NAME, CHECKPOINT_NAME])
+    group.barrier()
     if group.distributed:
         net = global_batchnorm.revert_batchnorm(net)
     net.eval()
     return FitResult(net, config, margin, logit_mean, logit_std, history)
+
+
+def _kept_after_failure(run_path: Path | None, staging: Staging | None) -> str:
+    """What a failed fit leaves behind, for its error message."""
+    if run_path is None or staging is None:
+        return ""
+    checkpoint = staging / CHECKPOINT_NAME
+    if checkpoint.is_file():
+        with contextlib.suppress(CounterwarpError):
+            step = load_checkpoint(checkpoint).get("step")
+            return (f"; the run folder {run_path} is unchanged, and the last good checkpoint "
+                    f"(step {step}) is kept in {staging.folder} for --resume")
+    return (f"; the run folder {run_path} is unchanged (this fit had not written a "
+            f"checkpoint yet)")
 
 
 def learning_rate(config: FitConfig, step: int) -> float:

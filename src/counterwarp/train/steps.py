@@ -27,7 +27,13 @@ from counterwarp.nn.classifier import classifier_logits
 from counterwarp.nn.simulator import DIRECTIONS, SimulatorNet, simulate
 from counterwarp.train.config import FitConfig
 
-__all__ = ["LossTerms", "balanced_batch", "train_step"]
+__all__ = ["LOSS_KEYS", "LossTerms", "balanced_batch", "non_finite_message", "train_step"]
+
+#: The logged values of a step that must stay finite (``cycle`` is 0 before the warm-up).
+LOSS_KEYS = ("loss", "shift", "cycle", "smooth", "magnitude")
+#: A margin above this (logit units) makes the shift loss overflow float32 (max 3.4e38)
+#: once it is summed over a batch and weighted; real logit spreads are below 1e3.
+OVERFLOWING_MARGIN = 1e30
 
 
 class LossTerms:
@@ -40,6 +46,14 @@ class LossTerms:
         self.classifier = classifier
         self.config = config
         self.margin = margin
+        # 0-dim bool tensors: whether the last step's intermediate values were finite
+        # (read only when a loss is not, so no device synchronisation per step)
+        self._finite: dict[str, torch.Tensor] = {}
+
+    def finite_checks(self) -> dict[str, bool]:
+        """Whether the last step's field, simulated images, classifier logits and cycled
+        field were finite (the names of :func:`non_finite_message`)."""
+        return {name: bool(flag) for name, flag in self._finite.items()}
 
     def regulariser(self, displacement: torch.Tensor) -> dict[str, torch.Tensor]:
         """Penalties on a displacement ``(B, d, *S)``, each computed once: ``smooth`` and
@@ -66,6 +80,11 @@ class LossTerms:
         with self.autocast(images.device):
             simulated, displacement, _, _ = simulate(self.net, images, condition)
             logit_after = classifier_logits(self.classifier, simulated).float()
+        self._finite = {
+            "field": torch.isfinite(displacement.detach()).all(),
+            "simulated": torch.isfinite(simulated.detach()).all(),
+            "logits": torch.isfinite(logit_after.detach()).all(),
+        }
         return {
             "simulated": simulated,
             "shift": logit_shift_loss(logit_before, logit_after, condition, self.margin),
@@ -78,6 +97,7 @@ class LossTerms:
     ) -> dict[str, torch.Tensor]:
         with self.autocast(images.device):
             cycled, back_displacement, _, _ = simulate(self.net, simulated, -condition)
+        self._finite["cycled field"] = torch.isfinite(back_displacement.detach()).all()
         return {
             "cycle": cycle_loss(images, cycled),
             **self.regulariser(back_displacement),
@@ -163,3 +183,71 @@ def train_step(
         "magnitude": float(magnitude.detach()),
         "moved_share": float(forward["moved"].float().mean()),
     }
+
+
+#: What each check of :meth:`LossTerms.finite_checks` and each logged value is, in the
+#: order a non-finite value is blamed (the first one in a forward pass's order).
+_DESCRIPTIONS = (
+    ("weights", "the simulator's weights (after the update)"),
+    ("field", "the simulator's displacement field"),
+    ("simulated", "the simulated images"),
+    ("logits", "the classifier's logits on the simulated images"),
+    ("shift", "the shift loss"),
+    ("cycled field", "the cycled (backward) field"),
+    ("cycle", "the cycle loss"),
+    ("smooth", "the smoothness loss"),
+    ("magnitude", "the magnitude loss"),
+    ("loss", "the total (weighted) loss"),
+)
+
+
+def non_finite_message(
+    values: dict[str, float], finite: dict[str, bool], config: FitConfig, margin: float,
+    step: int,
+) -> str:
+    """One line naming the first value of 0-based ``step`` that went NaN/Inf and the
+    setting that most likely caused it.
+
+    ``values`` are the step's logged losses, ``finite`` the checks of
+    :meth:`LossTerms.finite_checks` (and ``"weights"``: the weights after the update).
+    The likely cause: a margin so large that the shift loss overflows (``--margin`` /
+    ``--margin-sd``); a classifier that returns NaN/Inf on finite simulated images (the
+    classifier, no setting of the fit); loss weights whose weighted sum overflows; after
+    finite steps, or in the weights, an update that made the weights diverge (``--lr``).
+    """
+    bad = None
+    for key, description in _DESCRIPTIONS:
+        value = values.get(key) if key in values else None
+        ok = finite.get(key, True) if value is None else math.isfinite(value)
+        if not ok:
+            kind = ("NaN" if math.isnan(value) else "Inf") if value is not None else "NaN/Inf"
+            bad = (key, description, kind)
+            break
+    if bad is None:  # nothing specific: the total loss
+        bad = ("loss", "the total (weighted) loss", "NaN/Inf")
+    key, description, kind = bad
+    upstream_finite = all(finite.get(k, True) for k in ("field", "simulated", "logits"))
+    weights = {"--w-shift": config.w_shift, "--w-cycle": config.w_cycle,
+               "--w-smooth": config.w_smooth, "--w-magnitude": config.w_magnitude,
+               "--w-fold": config.w_fold}
+    if key in ("shift", "loss") and upstream_finite and margin * max(config.w_shift, 1.0) \
+            > OVERFLOWING_MARGIN:
+        flag = "--margin" if config.margin is not None else "--margin-sd"
+        cause = (f"the margin {margin:g} (logit units) is so large that the shift loss "
+                 f"overflows float32; lower {flag} to the scale of the classifier's logits")
+    elif key == "logits" and finite.get("field", True) and finite.get("simulated", True):
+        cause = ("the classifier returns NaN/Inf on finite simulated images; check the "
+                 "classifier (no setting of fit causes this)")
+    elif key == "weights":
+        cause = (f"an optimiser update made the weights diverge; lower --lr (now "
+                 f"{config.lr:g})")
+    elif key == "loss" and max(weights.values()) > OVERFLOWING_MARGIN:
+        name = max(weights, key=weights.__getitem__)
+        cause = f"{name} {weights[name]:g} is so large that the weighted loss overflows"
+    elif step > 0:
+        cause = (f"the losses were finite for {step} step(s), so an update made the weights "
+                 f"diverge; lower --lr (now {config.lr:g})")
+    else:
+        cause = ("it happened before any update, so the training images or the settings "
+                 "are at fault; check that the images are finite and lower the loss weights")
+    return f"{description} became {kind} at step {step + 1}; likely cause: {cause}"

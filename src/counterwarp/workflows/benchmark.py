@@ -46,7 +46,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from counterwarp._io import json_safe, write_json_atomic, write_text_atomic
+from counterwarp._io import json_safe, write_json_atomic, write_text_atomic, writing_folder
 from counterwarp.data.truth import MANIFEST_NAME, check_cohort, load_cohort_truth
 from counterwarp.errors import CounterwarpError
 from counterwarp.explain.assess import simulator_metrics
@@ -320,8 +320,27 @@ def run_benchmark(
 
     Raises:
         CounterwarpError: not a ``synth`` cohort, no classifier / simulator in the run, bad
-            method names or occlusion patch, ``out`` an existing file. Nothing is written.
+            method names or occlusion patch, ``out`` an existing file or written by another
+            process, a file there with a result's name that no counterwarp command created.
+            Nothing is written; a failed write (full disk) takes back what this call wrote.
     """
+    data, run, out = Path(data).expanduser(), Path(run).expanduser(), Path(out).expanduser()
+    chosen = _chosen_methods(methods)
+    if not (math.isfinite(threshold) and threshold >= 0):
+        raise CounterwarpError(f"threshold must be a number >= 0, got {threshold!r}")
+    if not (math.isfinite(sigma) and sigma >= 0):
+        raise CounterwarpError(f"sigma must be a number >= 0 (voxels), got {sigma!r}")
+    if out.exists() and not out.is_dir():
+        raise CounterwarpError(f"--out {out} exists and is not a folder; choose a folder path")
+    with writing_folder(out, "benchmark results", hint="move it away, or choose another --out"):
+        return _benchmark_into(data, run, out, chosen, occlusion_patch, threshold, sigma,
+                               progress, device, seed)
+
+
+def _benchmark_into(data: Path, run: Path, out: Path, chosen: list[str], occlusion_patch: int,
+                    threshold: float, sigma: float, progress: bool, device: str | None,
+                    seed: int) -> dict[str, Any]:
+    """The body of :func:`run_benchmark`, run while holding ``out``'s lock and transaction."""
     from counterwarp.data.preprocess import load_volume
     from counterwarp.nn.classifier import last_conv_layer
     from counterwarp.train.common import choose_device
@@ -333,14 +352,6 @@ def run_benchmark(
     )
     from counterwarp.workflows.saliency import check_occlusion_patch
 
-    data, run, out = Path(data).expanduser(), Path(run).expanduser(), Path(out).expanduser()
-    chosen = _chosen_methods(methods)
-    if not (math.isfinite(threshold) and threshold >= 0):
-        raise CounterwarpError(f"threshold must be a number >= 0, got {threshold!r}")
-    if not (math.isfinite(sigma) and sigma >= 0):
-        raise CounterwarpError(f"sigma must be a number >= 0 (voxels), got {sigma!r}")
-    if out.exists() and not out.is_dir():
-        raise CounterwarpError(f"--out {out} exists and is not a folder; choose a folder path")
     check_cohort(data)
     _validate_run(run)
     simulator, payload = load_run_simulator(run)

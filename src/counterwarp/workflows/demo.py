@@ -13,9 +13,10 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from counterwarp._io import write_json_atomic
+from counterwarp._io import folder_lock, output_transaction, owned_files, write_json_atomic
 from counterwarp.data.synthetic import synth
 from counterwarp.data.truth import BRAIN_MASK_NAME, EFFECT_NAME, TRUTH_DIR
+from counterwarp.errors import CounterwarpError
 from counterwarp.explain.assess import assess_simulator
 from counterwarp.train.classifier import train_classifier
 from counterwarp.workflows.explain import explain_run
@@ -55,8 +56,28 @@ def run_demo(
     """Run the pipeline into ``out`` (``cohort/``, ``run/``, ``explain/``) and summarise it.
 
     Returns the summary also written to ``out/demo_summary.json``.
+
+    The demo holds ``out``'s lock from start to end (a second demo into ``out`` is refused
+    at once), each step the lock of its own folder; a ``demo_summary.json`` in ``out`` that
+    no counterwarp command wrote is refused before any work.
     """
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise CounterwarpError(f"--out {out} exists and is not a folder; choose a folder path")
+    with folder_lock(out, "a demo"):
+        summary_file = out / DEMO_SUMMARY_NAME
+        if summary_file.exists() and DEMO_SUMMARY_NAME not in owned_files(out):
+            raise CounterwarpError(
+                f"{summary_file} exists and was not written there by counterwarp; move it "
+                f"away, or choose another --out"
+            )
+        return _demo_into(out, quick, progress, seed, sizes)
+
+
+def _demo_into(
+    out: Path, quick: bool, progress: bool, seed: int, sizes: dict[str, dict[str, Any]] | None
+) -> dict[str, Any]:
+    """The body of :func:`run_demo`, run while holding ``out``'s lock."""
     plan = sizes or DEMO_SIZES["quick" if quick else "full"]
     cohort, run, explained = out / "cohort", out / "run", out / "explain"
     timings: dict[str, float] = {}
@@ -70,8 +91,8 @@ def run_demo(
     timings["synth_s"] = time.perf_counter() - started
 
     started = step(f"train-classifier -> {run}")
-    classifier_metrics = train_classifier(
-        manifest, run, seed=seed, progress=progress, **plan["classifier"]
+    classifier_metrics = train_classifier(  # a demo run is the demo's own: retrain it
+        manifest, run, seed=seed, progress=progress, overwrite=True, **plan["classifier"]
     )
     timings["train_classifier_s"] = time.perf_counter() - started
     test = classifier_metrics["test"]
@@ -105,7 +126,8 @@ def run_demo(
     timings["report_s"] = time.perf_counter() - started
     timings["total_s"] = sum(v for k, v in timings.items() if k != "total_s")
     summary["report"] = str(report)
-    write_json_atomic(out / DEMO_SUMMARY_NAME, summary)
+    with output_transaction(out, hint="move it away, or choose another --out"):
+        write_json_atomic(out / DEMO_SUMMARY_NAME, summary)
     _print_summary(summary, explained)
     return summary
 

@@ -16,9 +16,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from counterwarp._io import write_text_atomic
+from counterwarp._io import ForeignFileError, shard_tag, write_text_atomic, writing_folder
 from counterwarp.data.manifest import image_id
-from counterwarp.data.preprocess import save_on_input_grid
+from counterwarp.data.preprocess import resolve_image_path, save_on_input_grid
 from counterwarp.data.stream import (
     Shard,
     check_headers,
@@ -65,7 +65,7 @@ def explain_inputs(
         return [ExplainInput(row.path, row.label) for row in rows]
     if not images:
         raise CounterwarpError("nothing to explain: give --manifest M or one or more images")
-    return [ExplainInput(Path(p).expanduser().resolve(), None) for p in images]
+    return [ExplainInput(resolve_image_path(p), None) for p in images]
 
 
 def unique_ids(inputs: list[ExplainInput]) -> list[str]:
@@ -128,12 +128,16 @@ def explain_run(
     read ahead; see :mod:`counterwarp.data.stream`). ``shard="i/n"`` explains only inputs
     ``i, i+n, i+2n, ...`` and writes ``summary.shard-<i>-of-<n>.csv`` instead of
     ``summary.csv``, so the shards of an array job can share ``out``. Every setting, the
-    run and every input's header are checked before ``out`` is created; an image whose
-    voxel data turn out unusable stops the run when it is reached.
-    """
-    from counterwarp.explain.progression import check_progression_supported
-    from counterwarp.workflows.progression import write_progression
+    run and every input's header are checked before anything is written (an ``out`` that
+    did not exist is left absent); an image whose voxel data turn out unusable stops the
+    run when it is reached, keeping the outputs of the images before it.
 
+    Writing holds the lock of ``out`` (each shard its own, see
+    :func:`~counterwarp._io.folder_lock`): a second writer is refused. A file in ``out``
+    with the name of an output that no counterwarp command created there is refused, never
+    replaced (re-running into an earlier ``out`` is fine). Any other failure while writing
+    (a full disk) removes what this call wrote and restores what it replaced.
+    """
     shard = parse_shard(shard)
     check_workers(workers)
     run, out = Path(run), Path(out)
@@ -142,6 +146,27 @@ def explain_run(
     directions = ("remove", "inject") if direction == "both" else (direction,)
     if any(d not in ("remove", "inject") for d in directions):
         raise CounterwarpError(f"--direction {direction!r}: use remove, inject or both")
+    with writing_folder(out, "explanations", tag=shard_tag(shard), hint=FOREIGN_HINT) as held:
+        return _explain_into(
+            held, run, out, manifest=manifest, split=split, images=images,
+            directions=directions, panels=panels, progression=progression, progress=progress,
+            shard=shard, workers=workers,
+        )
+
+
+#: How a refusal to replace a file counterwarp did not write ends.
+FOREIGN_HINT = "move it away, or choose another --out"
+
+
+def _explain_into(
+    transaction: Any, run: Path, out: Path, *, manifest: str | Path | None, split: str,
+    images: list[str | Path] | None, directions: tuple[str, ...], panels: bool,
+    progression: int, progress: bool, shard: Shard | None, workers: int,
+) -> list[dict[str, Any]]:
+    """The body of :func:`explain_run`, run while holding ``out``'s lock and transaction."""
+    from counterwarp.explain.progression import check_progression_supported
+    from counterwarp.workflows.progression import write_progression
+
     simulator, payload = load_run_simulator(run)
     if progression:
         check_progression_supported(simulator, progression)
@@ -165,12 +190,20 @@ def explain_run(
                                       affine=volume.model_affine)
                 bar.update()
             done += 1
+    except ForeignFileError:
+        bar.leave = False
+        raise  # nothing kept: the transaction takes back this call's files
     except CounterwarpError as error:
         bar.leave = False  # no half-drawn bar above the one-line error
+        if done:
+            transaction.keep()  # the finished images' outputs stay, as the message says
         raise stopped_early(error, done, out, table) from None
     finally:
         bar.close()
     write_summary_csv(out / table, summary)
+    from counterwarp.workflows.folder import write_provenance  # the digests of what was used
+
+    write_provenance(out, simulator)
     return summary
 
 

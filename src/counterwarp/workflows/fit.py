@@ -1,4 +1,4 @@
-"""``counterwarp fit``: fit the simulator for a run folder's classifier."""
+"""``counterwarp fit``: fit the simulator for a run folder's classifier, swapped in whole."""
 
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ from counterwarp import distributed
 from counterwarp._io import folder_lock, remove_stale_temps, write_json_atomic
 from counterwarp.explain.simulator import Simulator
 from counterwarp.train.common import choose_device
+from counterwarp.train.staging import FIT_STAGING, Staging, disk_errors, file_digest, recover_run
 from counterwarp.workflows.folder import (
     CHECKPOINT_NAME,
+    CLASSIFIER_NAME,
     FIT_METRICS_NAME,
     LOG_NAME,
     SIMULATOR_NAME,
@@ -36,31 +38,45 @@ def fit_run(
     """Fit the simulator for the run's classifier on the ``split`` images of ``manifest``.
 
     Writes ``RUN/simulator.pt``, ``RUN/simulator_fit.json`` (settings, derived margin, final
-    shares), ``RUN/simulator_log.csv`` (every step's losses) and checkpoints. Under torchrun
-    every rank trains (see :mod:`counterwarp.distributed`) and rank 0 alone takes the folder
-    lock and writes; every rank returns the same summary.
+    shares), ``RUN/simulator_log.csv`` (every step's losses) and
+    ``RUN/simulator_checkpoint.pt``, each recording the sha256 of the ``classifier.pt`` it
+    was fitted for. All four are written into ``RUN/.fit-staging`` and swapped in together
+    when the fit completes: a fit that fails (a NaN, a full disk, an exception) or is killed
+    leaves every file of the run as it was, and its progress in ``RUN/.fit-staging``, which
+    ``resume`` continues from (else from ``RUN/simulator_checkpoint.pt``); a fit without
+    ``resume`` discards that staged progress first. ``resume`` with a larger ``steps``
+    extends a finished fit (constant learning rate only).
+
+    Under torchrun every rank trains (see :mod:`counterwarp.distributed`) and rank 0 alone
+    takes the folder lock and writes; every rank returns the same summary.
     """
     run = Path(run)
     group = distributed.current()
     progress = progress and group.is_main
     classifier, payload = load_run_classifier(run)
+    classifier_sha256 = file_digest(run / CLASSIFIER_NAME)
     simulator = Simulator(**settings)  # validates the settings before any work
     if device is not None:
         choose_device(device)  # an unknown device name is a user error, not a traceback
     rows = rows_in_split(run, manifest, split, positive_label=payload.get("positive_label"))
     images, _ = load_images(rows, model_shape(payload), progress=progress)
     lock = folder_lock(run, "a simulator") if group.is_main else contextlib.nullcontext()
+    staging = Staging(run, FIT_STAGING)
+    note = (f"the run folder {run} is unchanged; this fit's progress is kept in "
+            f"{staging.folder} (`--resume` continues from it; delete it to free space)")
     with lock:
         if group.is_main:
+            recover_run(run)  # finish a swap a killed command left half done
             # temporaries of a fit killed mid-write (only fit writes these names, under the lock)
             remove_stale_temps(
                 run, (CHECKPOINT_NAME, LOG_NAME, SIMULATOR_NAME, FIT_METRICS_NAME)
             )
+        group.barrier()
+        bindings = {"classifier_sha256": classifier_sha256}
         simulator.fit(
-            classifier, images, run_dir=run, resume=resume, progress=progress, device=device
+            classifier, images, run_dir=run, resume=resume, progress=progress, device=device,
+            bindings=bindings, swap_in=False,
         )
-        if group.is_main:
-            simulator.save(run / SIMULATOR_NAME)
         summary = {
             "manifest": str(Path(manifest).resolve()),
             "split": split,
@@ -74,7 +90,13 @@ def fit_run(
             "logit_std": simulator.logit_std_,
             "settings": simulator.config.to_dict(),
             "final_step": simulator.history_[-1] if simulator.history_ else {},
+            **bindings,
         }
         if group.is_main:
-            write_json_atomic(run / FIT_METRICS_NAME, summary)
+            with disk_errors(run / SIMULATOR_NAME, note):
+                simulator.save(staging / SIMULATOR_NAME, extra=bindings)
+            with disk_errors(run / FIT_METRICS_NAME, note):
+                write_json_atomic(staging / FIT_METRICS_NAME, summary)
+            staging.commit([LOG_NAME, CHECKPOINT_NAME, FIT_METRICS_NAME, SIMULATOR_NAME])
+        group.barrier()
     return summary

@@ -2,6 +2,14 @@
 
 A run folder holds ``classifier.pt``, ``split.json`` (subject-level train/val/test parts),
 ``simulator.pt``, logs, metrics and outputs. These helpers read it back with clear errors.
+
+Bindings: every artefact records the sha256 (:func:`file_digest`) of the file it was made
+from, inside itself (so it is written atomically with it): ``classifier.pt`` records
+``split_sha256`` (of ``split.json``); ``simulator.pt``, ``simulator_checkpoint.pt`` and
+``simulator_fit.json`` record ``classifier_sha256``; an ``explain`` output folder holds
+``provenance.json`` naming the digests of the simulator, classifier and split it came from.
+The loaders here refuse a stale file with a message naming it and the command to rerun.
+Files written before bindings existed (no such key) are accepted as they are.
 """
 
 from __future__ import annotations
@@ -12,6 +20,7 @@ from typing import Any
 
 import torch
 
+from counterwarp._io import write_json_atomic
 from counterwarp.data.manifest import ManifestDataset, ManifestRow, read_manifest
 from counterwarp.errors import CounterwarpError
 from counterwarp.explain.simulator import Simulator
@@ -22,25 +31,31 @@ from counterwarp.train.classifier import (
     CLASSIFIER_METRICS_NAME,
     SPLIT_NAME,
 )
+from counterwarp.train.staging import CLASSIFIER_STAGING, FIT_STAGING, file_digest
 
 __all__ = [
     "BENCHMARK_FOLDER",
     "CHECKPOINT_NAME",
     "CLASSIFIER_LOG_NAME",
+    "CLASSIFIER_STAGING",
     "CLASSIFIER_METRICS_NAME",
     "CLASSIFIER_NAME",
     "DEMO_SUMMARY_NAME",
     "EXPLAIN_FOLDER",
     "EXPLAIN_SUMMARY_NAME",
     "FIT_METRICS_NAME",
+    "FIT_STAGING",
     "GROUP_FOLDER",
     "LOG_NAME",
+    "PROVENANCE_NAME",
     "REPORT_NAME",
     "SALIENCY_FOLDER",
     "SALIENCY_INDEX_NAME",
     "SIMULATOR_NAME",
     "SPLIT_NAME",
     "SPLIT_PARTS",
+    "check_provenance",
+    "file_digest",
     "load_images",
     "load_run_classifier",
     "load_run_simulator",
@@ -48,6 +63,7 @@ __all__ = [
     "parse_parts",
     "read_split",
     "rows_in_split",
+    "write_provenance",
 ]
 
 SPLIT_PARTS = ("train", "val", "test")
@@ -60,6 +76,8 @@ REPORT_NAME = "report.html"
 #: Tables of an ``explain`` / ``saliency`` output folder (one per shard, see ``table_name``).
 EXPLAIN_SUMMARY_NAME = "summary.csv"
 SALIENCY_INDEX_NAME = "saliency_index.csv"
+#: In an ``explain`` output folder: the digests of the simulator, classifier and split used.
+PROVENANCE_NAME = "provenance.json"
 #: Next to a demo's run folder: its summary.
 DEMO_SUMMARY_NAME = "demo_summary.json"
 # Output folders the commands use by default, inside or beside a run folder.
@@ -69,11 +87,32 @@ SALIENCY_FOLDER = "saliency"
 BENCHMARK_FOLDER = "benchmark"
 
 
+def _rerun_training(run: Path, payload: dict[str, Any]) -> str:
+    manifest = payload.get("manifest") if isinstance(payload.get("manifest"), str) else "M"
+    return f"`counterwarp train-classifier --manifest {manifest} --out {run} --overwrite`"
+
+
 def load_run_classifier(
     run: str | Path, map_location: str | torch.device = "cpu"
 ) -> tuple[Classifier, dict[str, Any]]:
-    """The classifier of a run folder (eval mode) and its checkpoint payload."""
-    return load_classifier(Path(run) / CLASSIFIER_NAME, map_location=map_location)
+    """The classifier of a run folder (eval mode) and its checkpoint payload.
+
+    Refused when ``split.json`` is not the split the classifier was trained on (its
+    ``split_sha256`` differs: a retraining left the run half swapped, or the file was
+    replaced). A classifier without ``split_sha256`` (written before bindings existed, or
+    not by ``train-classifier``) is accepted.
+    """
+    run = Path(run)
+    model, payload = load_classifier(run / CLASSIFIER_NAME, map_location=map_location)
+    recorded, split_path = payload.get("split_sha256"), run / SPLIT_NAME
+    if isinstance(recorded, str) and split_path.is_file():
+        read_split(run)  # an unreadable or malformed split gets its own message first
+        if file_digest(split_path) != recorded:
+            raise CounterwarpError(
+                f"{split_path} is not the split {run / CLASSIFIER_NAME} was trained on "
+                f"(rewritten since); rerun {_rerun_training(run, payload)}"
+            )
+    return model, payload
 
 
 def model_shape(payload: dict[str, Any]) -> tuple[int, ...]:
@@ -129,8 +168,9 @@ def rows_in_split(
     A manifest whose files are not in the split at all (another cohort) is used whole,
     since none of its subjects can have trained the classifier.
     """
-    rows = read_manifest(manifest, positive_label=positive_label)
-    split = read_split(run)
+    split = read_split(run)  # its negative_labels map the labels as at training
+    rows = read_manifest(manifest, positive_label=positive_label,
+                         negative_labels=split.get("negative_labels"))
     wanted = {str(Path(item["path"]).resolve()) for p in parse_parts(parts) for item in split[p]}
     known = {str(Path(item["path"]).resolve()) for p in SPLIT_PARTS for item in split[p]}
     if not any(str(row.path) in known for row in rows):
@@ -156,7 +196,58 @@ def load_images(
 
 def load_run_simulator(run: str | Path) -> tuple[Simulator, dict[str, Any]]:
     """The fitted simulator of a run folder, bound to the run's classifier, and the
-    classifier checkpoint's metadata (input shape, positive label, ...)."""
+    classifier checkpoint's metadata (input shape, positive label, ...).
+
+    Refused when ``simulator.pt`` was fitted for another ``classifier.pt`` (its
+    ``classifier_sha256`` differs: the classifier was retrained since). A simulator without
+    that record (written before bindings existed) is accepted. The simulator's
+    :attr:`~counterwarp.explain.simulator.Simulator.provenance_` holds the digests of the
+    simulator, classifier and split files it was loaded from (see :func:`write_provenance`).
+    """
     run = Path(run)
     classifier, payload = load_run_classifier(run)
-    return Simulator.load(run / SIMULATOR_NAME, classifier), payload
+    simulator_path = run / SIMULATOR_NAME
+    simulator = Simulator.load(simulator_path, classifier)
+    classifier_sha256 = file_digest(run / CLASSIFIER_NAME)
+    recorded = simulator.provenance_.get("classifier_sha256")
+    if recorded is not None and recorded != classifier_sha256:
+        manifest = payload.get("manifest") if isinstance(payload.get("manifest"), str) else "M"
+        raise CounterwarpError(
+            f"{simulator_path} was fitted for another {run / CLASSIFIER_NAME} (retrained "
+            f"since); rerun `counterwarp fit --manifest {manifest} --run {run}`"
+        )
+    split_path = run / SPLIT_NAME
+    simulator.provenance_ = {
+        "run": str(run.resolve()),
+        "simulator_sha256": file_digest(simulator_path),
+        "classifier_sha256": classifier_sha256,
+        **({"split_sha256": file_digest(split_path)} if split_path.is_file() else {}),
+    }
+    return simulator, payload
+
+
+def write_provenance(out: str | Path, simulator: Simulator) -> Path:
+    """Write ``out/provenance.json``: the run and the digests of the simulator, classifier
+    and split files a simulator from :func:`load_run_simulator` was loaded from."""
+    return write_json_atomic(Path(out) / PROVENANCE_NAME, dict(simulator.provenance_))
+
+
+def check_provenance(out: str | Path, run: str | Path) -> None:
+    """Refuse outputs in ``out`` that another simulator made than ``run``'s current one.
+
+    Output folders without ``provenance.json`` (written before bindings existed) pass.
+    """
+    out, run = Path(out), Path(run)
+    path = out / PROVENANCE_NAME
+    if not path.is_file():
+        return
+    try:
+        recorded = json.loads(path.read_text(encoding="utf-8")).get("simulator_sha256")
+    except (OSError, json.JSONDecodeError, AttributeError) as error:
+        raise CounterwarpError(f"{path}: unreadable provenance record ({error})") from None
+    simulator_path = run / SIMULATOR_NAME
+    if simulator_path.is_file() and recorded != file_digest(simulator_path):
+        raise CounterwarpError(
+            f"{out} was made by another {simulator_path} (refitted since); rerun `counterwarp "
+            f"explain --run {run} --out {out}`"
+        )

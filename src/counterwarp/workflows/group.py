@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import csv
 import io
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,13 @@ import nibabel as nib
 import numpy as np
 from tqdm.auto import tqdm
 
-from counterwarp._io import json_safe, save_nifti_atomic, write_json_atomic, write_text_atomic
+from counterwarp._io import (
+    json_safe,
+    save_nifti_atomic,
+    write_json_atomic,
+    write_text_atomic,
+    writing_folder,
+)
 from counterwarp.data.maps import (
     AFFINE_TOLERANCE_MM,
     load_atlas,
@@ -193,7 +200,8 @@ def _readme(direction: str, summary: dict[str, Any]) -> str:
         f"{prefix}_mean.nii.gz      mean log volume change (natural log; growth > 0;",
         "                          percent change = 100 * (exp(value) - 1))",
         f"{prefix}_t.nii.gz         voxel-wise one-sample t (mean / (sd / sqrt(n)), "
-        f"{summary['n_subjects'] - 1} dof)",
+        f"{summary['n_subjects'] - 1} dof); 0 where all maps agree (zero spread: "
+        f"{summary['n_zero_spread_voxels']} brain voxels, p = 1, never FDR-significant)",
         f"{prefix}_p.nii.gz         two-sided p-values of t",
         f"{prefix}_fdr_mask.nii.gz  1 where Benjamini-Hochberg FDR q = {summary['q']:g} "
         "rejects zero change (tests over brain voxels only)",
@@ -264,6 +272,12 @@ def group_run(
     Returns:
         The summary written to ``P_summary.json``: counts, the space, file paths and (with an
         atlas) the region rows.
+
+    Voxels whose maps all agree (zero spread) get no t (``t = 0``, ``p = 1``), are never
+    FDR discoveries, are counted in ``n_zero_spread_voxels`` and reported in one warning
+    line on stderr. Writing holds ``out``'s lock (a second writer is refused), refuses to
+    replace a file there that no counterwarp command created, and undoes its writes when
+    one fails (a full disk).
     """
     if direction not in DIRECTIONS:
         raise CounterwarpError(f"--direction {direction!r}: use inject or remove")
@@ -274,6 +288,21 @@ def group_run(
     out = Path(out).expanduser()
     if out.exists() and not out.is_dir():
         raise CounterwarpError(f"--out {out} exists and is not a folder")
+    with writing_folder(out, "group maps", hint="move it away, or choose another --out"):
+        return _group_into(
+            run, out, direction=direction, maps_dir=maps_dir, manifest=manifest, split=split,
+            subset=subset, atlas=atlas, atlas_names=atlas_names, mask=mask, q=q,
+            figures=figures, progress=progress,
+        )
+
+
+def _group_into(
+    run: str | Path | None, out: Path, *, direction: str, maps_dir: str | Path | None,
+    manifest: str | Path | None, split: str, subset: str, atlas: str | Path | None,
+    atlas_names: str | Path | None, mask: str | Path | None, q: float, figures: bool,
+    progress: bool,
+) -> dict[str, Any]:
+    """The body of :func:`group_run`, run while holding ``out``'s lock and transaction."""
     if maps_dir is not None:
         maps, affine, ids = load_map_folder(maps_dir, direction)
         finite = np.isfinite(maps)
@@ -298,6 +327,13 @@ def group_run(
         raise CounterwarpError("the brain mask is empty: no voxel to test")
 
     result = group_statistics(maps, brain, q)
+    n_zero_spread = int(result["zero_spread"][brain].sum())
+    if n_zero_spread:
+        sys.stderr.write(
+            f"counterwarp group: warning: {n_zero_spread} of {int(brain.sum())} brain voxels "
+            f"have the same value in all {maps.shape[0]} maps ({direction}); they get no t "
+            f"(t = 0, p = 1) and are not tested for FDR\n"
+        )
     out.mkdir(parents=True, exist_ok=True)
     prefix = out / f"group_{direction}"
 
@@ -327,6 +363,7 @@ def group_run(
         "shape": list(spatial),
         "q": q,
         "n_brain_voxels": int(brain.sum()),
+        "n_zero_spread_voxels": n_zero_spread,
         "n_fdr_voxels": int(result["fdr"].sum()),
         "n_fdr_voxels_positive": int((result["fdr"] & (result["mean"] > 0)).sum()),
         "n_fdr_voxels_negative": int((result["fdr"] & (result["mean"] < 0)).sum()),

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from counterwarp._io import writing_folder
 from counterwarp.data.manifest import image_id
 from counterwarp.data.truth import REGIONS_NAME, REGIONS_TABLE_NAME, TRUTH_DIR
 from counterwarp.errors import CounterwarpError
@@ -186,14 +187,61 @@ def report_run(
         progress: show progress bars while computing.
 
     Raises:
-        CounterwarpError: ``run`` is not a folder.
+        CounterwarpError: ``run`` is not a folder; a given ``explain_dir`` /
+            ``saliency_dir`` is not a folder, or ``benchmark`` neither a file nor a folder
+            holding ``results.md``; another process writes the report's folder (the report
+            holds that folder's lock); ``out`` is a file that counterwarp did not write.
     """
     run = Path(run).expanduser()
     if not run.is_dir():
         raise CounterwarpError(f"--run {run}: no such run folder")
     if isinstance(n_subjects, bool) or not isinstance(n_subjects, int) or n_subjects < 0:
         raise CounterwarpError(f"n_subjects must be a non-negative integer, got {n_subjects!r}")
+    _check_given_inputs(explain_dir, saliency_dir, benchmark)
     target = Path(out).expanduser() if out is not None else run / REPORT_NAME
+    if target.is_dir():
+        raise CounterwarpError(f"--out {target} is a folder; give the HTML file to write")
+    with writing_folder(target.parent, "a report", hint="move it away, or choose another --out"):
+        return _report_into(run, target, explain_dir, saliency_dir, group_dir, benchmark,
+                            n_subjects, compute, progress)
+
+
+def _check_given_inputs(
+    explain_dir: str | Path | None, saliency_dir: str | Path | None,
+    benchmark: str | Path | None,
+) -> None:
+    """Refuse a given ``--explain`` / ``--saliency`` folder or ``--benchmark`` that does not
+    exist (instead of silently making or leaving out that part of the page)."""
+    from counterwarp.workflows.benchmark import RESULTS_MD
+
+    for flag, folder, command in (("--explain", explain_dir, "explain"),
+                                  ("--saliency", saliency_dir, "saliency")):
+        if folder is not None and not Path(folder).expanduser().is_dir():
+            raise CounterwarpError(
+                f"{flag} {folder}: no such folder; give the --out folder of `counterwarp "
+                f"{command}`, or leave {flag} out to find or make one"
+            )
+    if benchmark is None:
+        return
+    given = Path(benchmark).expanduser()
+    if not given.exists():
+        raise CounterwarpError(
+            f"--benchmark {benchmark}: no such file or folder; give the --out folder of "
+            f"`counterwarp benchmark` or its {RESULTS_MD}"
+        )
+    if given.is_dir() and not (given / RESULTS_MD).is_file():
+        raise CounterwarpError(
+            f"--benchmark {benchmark}: the folder holds no {RESULTS_MD}; give the --out "
+            f"folder of `counterwarp benchmark`"
+        )
+
+
+def _report_into(
+    run: Path, target: Path, explain_dir: str | Path | None, saliency_dir: str | Path | None,
+    group_dir: str | Path | None, benchmark: str | Path | None, n_subjects: int,
+    compute: bool, progress: bool,
+) -> Path:
+    """The body of :func:`report_run`, run while holding the lock of the report's folder."""
     inputs = ReportInputs(
         run=run,
         group_dir=Path(group_dir or run / GROUP_FOLDER),

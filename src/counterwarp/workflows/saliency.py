@@ -30,7 +30,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from counterwarp._io import write_text_atomic
+from counterwarp._io import shard_tag, write_text_atomic, writing_folder
 from counterwarp.data.preprocess import save_on_input_grid
 from counterwarp.data.stream import (
     Shard,
@@ -45,7 +45,7 @@ from counterwarp.explain.saliency import SALIENCY_METHODS, saliency_map
 from counterwarp.nn.classifier import last_conv_layer
 from counterwarp.report.figures import saliency_panel
 from counterwarp.train.common import choose_device
-from counterwarp.workflows.explain import explain_inputs, shard_inputs
+from counterwarp.workflows.explain import FOREIGN_HINT, explain_inputs, shard_inputs
 from counterwarp.workflows.folder import SALIENCY_INDEX_NAME as INDEX_NAME
 from counterwarp.workflows.folder import load_run_classifier, model_shape
 
@@ -150,7 +150,12 @@ def saliency_run(
             split, manifest and images both or neither given, bad shard or workers,
             unreadable input image, or ``out`` being an existing file. Nothing is written
             in these cases, except for an image whose voxel data prove unusable after
-            earlier images were mapped.
+            earlier images were mapped. Also: another process writing ``out`` (the same
+            shard, or unsharded), or a file in ``out`` with an output's name that no
+            counterwarp command created there.
+
+    A failure while writing (a full disk) removes what this call wrote and restores what it
+    replaced; the error names the file being written.
     """
     run, out = Path(run).expanduser(), Path(out).expanduser()
     chosen = parse_methods(methods)
@@ -158,6 +163,21 @@ def saliency_run(
     check_workers(workers)
     if out.exists() and not out.is_dir():
         raise CounterwarpError(f"--out {out} exists and is not a folder; choose a folder path")
+    with writing_folder(out, "saliency maps", tag=shard_tag(shard), hint=FOREIGN_HINT) as held:
+        return _saliency_into(
+            held, run, out, chosen, manifest=manifest, split=split, images=images,
+            occlusion_patch=occlusion_patch, progress=progress, device=device, shard=shard,
+            workers=workers,
+        )
+
+
+def _saliency_into(
+    transaction: Any, run: Path, out: Path, chosen: list[str], *,
+    manifest: str | Path | None, split: str, images: Sequence[str | Path] | None,
+    occlusion_patch: int, progress: bool, device: str | None, shard: Shard | None,
+    workers: int,
+) -> list[dict[str, Any]]:
+    """The body of :func:`saliency_run`, run while holding ``out``'s lock and transaction."""
     model, payload = load_run_classifier(run)
     shape = model_shape(payload)
     check_occlusion_patch(chosen, occlusion_patch, shape)
@@ -174,43 +194,50 @@ def saliency_run(
     bar = tqdm(total=len(mine) * len(chosen), desc="saliency", disable=not progress)
     stream = stream_images([item.path for item in mine], shape, workers)
     done = 0
-    while True:
-        try:
-            k, tensor, volume = next(stream)
-        except StopIteration:
-            break
-        except CounterwarpError as error:
-            bar.leave = False  # no half-drawn bar above the one-line error
-            bar.close()
-            raise stopped_early(error, done, out, table) from None
-        out.mkdir(parents=True, exist_ok=True)  # once the first image has loaded
-        item, id_ = mine[k], ids[k]
-        batch = tensor.unsqueeze(0).to(torch_device)  # (1, 1, *S) z-scored, model grid
-        maps = {}
-        for method in chosen:
-            bar.set_postfix_str(f"{id_} {method}", refresh=False)
-            attribution = saliency_map(
-                model, batch, method, target_layer=target_layer, occlusion_patch=occlusion_patch
-            )
-            maps[method] = attribution[0].cpu().numpy()  # (*S) float32, model grid
-            bar.update()
-        panel = out / f"{id_}_saliency.png"
-        for method, values in maps.items():
-            file = out / f"{id_}_{method}.nii.gz"
-            save_on_input_grid(file, values, volume)
-            rows.append(
-                {
-                    "id": id_,
-                    "path": str(item.path),
-                    "label": "" if item.label is None else item.label,
-                    "method": method,
-                    "file": str(file.resolve()),
-                    "panel": str(panel.resolve()),
-                }
-            )
-        saliency_panel(tensor[0].numpy(), maps, panel, title=f"{id_}: saliency of the logit",
-                       affine=volume.model_affine)
-        done += 1
+    try:
+        while True:
+            try:
+                k, tensor, volume = next(stream)
+            except StopIteration:
+                break
+            except CounterwarpError as error:
+                bar.leave = False  # no half-drawn bar above the one-line error
+                bar.close()
+                if done:
+                    transaction.keep()  # the finished images' maps stay, as the message says
+                raise stopped_early(error, done, out, table) from None
+            out.mkdir(parents=True, exist_ok=True)  # once the first image has loaded
+            item, id_ = mine[k], ids[k]
+            batch = tensor.unsqueeze(0).to(torch_device)  # (1, 1, *S) z-scored, model grid
+            maps = {}
+            for method in chosen:
+                bar.set_postfix_str(f"{id_} {method}", refresh=False)
+                attribution = saliency_map(
+                    model, batch, method, target_layer=target_layer, occlusion_patch=occlusion_patch
+                )
+                maps[method] = attribution[0].cpu().numpy()  # (*S) float32, model grid
+                bar.update()
+            panel = out / f"{id_}_saliency.png"
+            for method, values in maps.items():
+                file = out / f"{id_}_{method}.nii.gz"
+                save_on_input_grid(file, values, volume)
+                rows.append(
+                    {
+                        "id": id_,
+                        "path": str(item.path),
+                        "label": "" if item.label is None else item.label,
+                        "method": method,
+                        "file": str(file.resolve()),
+                        "panel": str(panel.resolve()),
+                    }
+                )
+            saliency_panel(tensor[0].numpy(), maps, panel, title=f"{id_}: saliency of the logit",
+                           affine=volume.model_affine)
+            done += 1
+    except BaseException:
+        bar.leave = False  # the error's line must not be glued onto the bar's
+        bar.close()
+        raise
     bar.close()
     write_index_csv(out / table, rows)
     return rows
