@@ -397,3 +397,17 @@ def test_resume_with_more_steps_is_refused_with_the_cosine_schedule(base, tmp_pa
                                                r"schedule depends on the number of steps"):
         fit_run(base["manifest"], run, resume=True, progress=False, **{**settings, "steps": 4})
     assert hashes(run) == before
+
+
+def test_report_refuses_a_named_explain_folder_of_an_older_simulator(base, tmp_path):
+    from counterwarp.workflows.report import report_run
+
+    run = _copy(base, tmp_path)
+    out = run.parent / "explain"  # where the report looks for explain outputs itself
+    explain_run(run, out, manifest=base["manifest"], split="test", progress=False)
+    fit_run(base["manifest"], run, progress=False, **{**TINY, "seed": 1})
+    with pytest.raises(CounterwarpError, match=r"was made by another .*simulator\.pt"):
+        report_run(run, tmp_path / "named.html", explain_dir=out, compute=False,
+                   progress=False)
+    found = report_run(run, tmp_path / "found.html", compute=False, progress=False)
+    assert str(out) not in found.read_text(encoding="utf-8")  # the stale folder is not used

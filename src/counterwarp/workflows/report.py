@@ -39,6 +39,7 @@ from counterwarp.workflows.folder import (
     SALIENCY_FOLDER,
     SIMULATOR_NAME,
     SPLIT_NAME,
+    check_provenance,
 )
 
 __all__ = ["REPORT_SALIENCY_METHODS", "report_run"]
@@ -115,6 +116,11 @@ def _gather_subjects(
     inputs.explain_dir = _find_folder(
         options["explain_dir"], [run.parent / EXPLAIN_FOLDER, run / EXPLAIN_FOLDER], has_panels
     )
+    if options["explain_dir"] is None and inputs.explain_dir is not None:
+        try:
+            check_provenance(inputs.explain_dir, run)
+        except CounterwarpError:
+            inputs.explain_dir = None  # found by looking, but made by an older simulator
     if inputs.explain_dir is None and inputs.has_simulator and compute:
         from counterwarp.workflows.explain import explain_run
 
@@ -188,9 +194,11 @@ def report_run(
 
     Raises:
         CounterwarpError: ``run`` is not a folder; a given ``explain_dir`` /
-            ``saliency_dir`` is not a folder, or ``benchmark`` neither a file nor a folder
-            holding ``results.md``; another process writes the report's folder (the report
-            holds that folder's lock); ``out`` is a file that counterwarp did not write.
+            ``saliency_dir`` is not a folder, or ``explain_dir`` was made by another
+            simulator than the run's (``provenance.json``), or ``benchmark`` neither a file
+            nor a folder holding ``results.md``; another process writes the report's folder
+            (the report holds that folder's lock); ``out`` is a file that counterwarp did
+            not write.
     """
     run = Path(run).expanduser()
     if not run.is_dir():
@@ -198,6 +206,8 @@ def report_run(
     if isinstance(n_subjects, bool) or not isinstance(n_subjects, int) or n_subjects < 0:
         raise CounterwarpError(f"n_subjects must be a non-negative integer, got {n_subjects!r}")
     _check_given_inputs(explain_dir, saliency_dir, benchmark)
+    if explain_dir is not None and (run / SIMULATOR_NAME).is_file():
+        check_provenance(Path(explain_dir).expanduser(), run)  # made by the run's simulator?
     target = Path(out).expanduser() if out is not None else run / REPORT_NAME
     if target.is_dir():
         raise CounterwarpError(f"--out {target} is a folder; give the HTML file to write")
