@@ -115,6 +115,7 @@ def _cmd_fit(args: argparse.Namespace) -> None:
 def _cmd_explain(args: argparse.Namespace) -> None:
     from counterwarp.data.stream import parse_shard, table_name
     from counterwarp.workflows.explain import explain_run
+    from counterwarp.workflows.folder import EXPLAIN_SUMMARY_NAME
 
     rows = explain_run(
         args.run, args.out, manifest=args.manifest, split=args.split, images=args.images,
@@ -122,7 +123,7 @@ def _cmd_explain(args: argparse.Namespace) -> None:
         workers=args.workers,
     )
     moved = sum(bool(r["moved_by_margin"]) for r in rows)
-    table = table_name("summary.csv", parse_shard(args.shard))
+    table = table_name(EXPLAIN_SUMMARY_NAME, parse_shard(args.shard))
     print(f"explained {len(rows)} image-direction pairs; {moved} moved past the margin")
     print(f"wrote NIfTI maps, PNG panels and {table} to {Path(args.out)}")
 

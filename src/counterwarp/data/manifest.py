@@ -104,12 +104,16 @@ def _parse_label(raw: str, positive_label: str | None, manifest: Path, line: int
     )
 
 
+#: The manifest a folder holds (``counterwarp synth`` writes one; ``--manifest FOLDER``).
+MANIFEST_NAME = "manifest.csv"
+
+
 def resolve_manifest_path(manifest: str | os.PathLike[str]) -> Path:
     """The absolute manifest file: ``manifest`` itself, or ``manifest/manifest.csv`` for a
     folder; CounterwarpError when there is none."""
     path = Path(manifest).expanduser()
     if path.is_dir():
-        candidate = path / "manifest.csv"
+        candidate = path / MANIFEST_NAME
         if candidate.is_file():
             return candidate.resolve()
         raise CounterwarpError(

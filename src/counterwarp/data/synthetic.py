@@ -91,6 +91,7 @@ from counterwarp.data.effects import (
     region_label_map,
     scaling_velocity,
 )
+from counterwarp.data.manifest import MANIFEST_NAME
 from counterwarp.data.template import (
     CORONAL_SLICE_Y_MM,
     SyntheticGrid,
@@ -102,7 +103,6 @@ from counterwarp.data.truth import (
     BRAIN_MASK_NAME,
     COHORT_NAME,
     EFFECT_NAME,
-    MANIFEST_NAME,
     REGIONS_NAME,
     REGIONS_TABLE_NAME,
     TRUTH_DIR,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from counterwarp.data.manifest import ManifestRow, nifti_stem
+from counterwarp.data.manifest import MANIFEST_NAME, ManifestRow, nifti_stem
 from counterwarp.data.preprocess import resample_linear
 from counterwarp.errors import CounterwarpError
 
@@ -23,7 +23,6 @@ __all__ = [
     "BRAIN_MASK_NAME",
     "COHORT_NAME",
     "EFFECT_NAME",
-    "MANIFEST_NAME",
     "REGIONS_NAME",
     "REGIONS_TABLE_NAME",
     "TRUTH_DIR",
@@ -33,8 +32,6 @@ __all__ = [
     "subject_truth_name",
 ]
 
-#: The cohort's manifest (``path,label,subject,severity,age``).
-MANIFEST_NAME = "manifest.csv"
 #: Every parameter of the cohort, its effect spec, grid spacing and affine.
 COHORT_NAME = "cohort.json"
 #: The folder of truth maps inside a cohort.

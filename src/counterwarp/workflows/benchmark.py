@@ -47,7 +47,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from counterwarp._io import json_safe, write_json_atomic, write_text_atomic, writing_folder
-from counterwarp.data.truth import MANIFEST_NAME, check_cohort, load_cohort_truth
+from counterwarp.data.manifest import MANIFEST_NAME
+from counterwarp.data.truth import check_cohort, load_cohort_truth
 from counterwarp.errors import CounterwarpError
 from counterwarp.explain.assess import simulator_metrics
 from counterwarp.explain.saliency import SALIENCY_METHODS, saliency_map
@@ -62,6 +63,7 @@ from counterwarp.stats.benchmark_scores import (
 )
 from counterwarp.stats.benchmark_scores import format_number as _fmt
 from counterwarp.stats.benchmark_scores import markdown_cell as _md
+from counterwarp.workflows.folder import CLASSIFIER_NAME, SIMULATOR_NAME
 
 __all__ = ["methods_figure", "run_benchmark"]
 
@@ -239,16 +241,11 @@ def _markdown(
 
 
 def _validate_run(run: Path) -> None:
-    if not (run / "classifier.pt").is_file():
-        raise CounterwarpError(
-            f"--run {run}: no classifier.pt; run `counterwarp train-classifier --manifest "
-            f"DATA/manifest.csv --out {run}` and then `counterwarp fit` first"
-        )
-    if not (run / "simulator.pt").is_file():
-        raise CounterwarpError(
-            f"--run {run}: no simulator.pt; run `counterwarp fit --manifest DATA/manifest.csv "
-            f"--run {run}` first"
-        )
+    for name, command in ((CLASSIFIER_NAME, f"train-classifier --manifest DATA/manifest.csv "
+                                            f"--out {run}` and then `counterwarp fit"),
+                          (SIMULATOR_NAME, f"fit --manifest DATA/manifest.csv --run {run}")):
+        if not (run / name).is_file():
+            raise CounterwarpError(f"--run {run}: no {name}; run `counterwarp {command}` first")
 
 
 def _fill_maps(
