@@ -13,7 +13,6 @@ from counterwarp.data.manifest import (
     ManifestDataset,
     ManifestRow,
     read_manifest,
-    split_by_subject,
 )
 from counterwarp.data.preprocess import (
     load_model_input,
@@ -22,6 +21,7 @@ from counterwarp.data.preprocess import (
     save_on_input_grid,
     zscore_in_brain,
 )
+from counterwarp.data.split import split_by_subject
 from counterwarp.errors import CounterwarpError
 
 SHAPE = (8, 8, 8)

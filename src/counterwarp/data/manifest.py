@@ -25,13 +25,13 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from counterwarp.data.contract import Preprocessing, normalise_intensity
 from counterwarp.data.labels import check_label_mapping, parse_negative_labels
 from counterwarp.data.preprocess import (
     LoadedVolume,
     image_spatial_shape,
     load_volume,
     resolve_image_path,
-    zscore_in_brain,
 )
 from counterwarp.errors import CounterwarpError
 from counterwarp.limits import check_fits, check_grid
@@ -271,7 +271,8 @@ class ManifestDataset(Dataset):
     """Torch dataset of manifest images, preprocessed for the classifier.
 
     ``dataset[i]`` is ``(image, label)``: ``image`` a ``(1, *spatial_shape)`` float32 tensor
-    (resampled linearly to ``shape`` if given, z-scored over non-zero voxels), ``label`` a
+    (reoriented and normalised as ``preprocessing`` says: by default as stored and z-scored
+    over non-zero voxels; resampled linearly to ``shape`` if given), ``label`` a
     ``()`` float32 tensor (0. or 1.).
 
     Attributes:
@@ -285,8 +286,10 @@ class ManifestDataset(Dataset):
         rows: Sequence[ManifestRow],
         shape: tuple[int, ...] | None = None,
         cache: bool = True,
+        preprocessing: Preprocessing | None = None,
     ) -> None:
         self.rows: list[ManifestRow] = list(rows)
+        self.preprocessing = preprocessing or Preprocessing()
         if not self.rows:
             raise CounterwarpError("no images given (empty manifest / empty selection)")
         native = [image_spatial_shape(row.path) for row in self.rows]
@@ -339,15 +342,18 @@ class ManifestDataset(Dataset):
 
     def volume(self, index: int) -> LoadedVolume:
         """The raw (not z-scored) :class:`LoadedVolume` of image ``index`` on the model grid."""
-        return load_volume(self.rows[index].path, self.spatial_shape)
+        return load_volume(self.rows[index].path, self.spatial_shape,
+                           orientation=self.preprocessing.orientation)
 
     def image(self, index: int) -> torch.Tensor:
-        """``(1, *spatial_shape)`` float32 z-scored image ``index`` (cached if enabled)."""
+        """``(1, *spatial_shape)`` float32 image ``index``, normalised as ``preprocessing``
+        says (z-scored by default; cached if enabled)."""
         cached = self._cache.get(index)
         if cached is not None:
             return cached
         loaded = self.volume(index)
-        image = torch.from_numpy(zscore_in_brain(loaded.data)).unsqueeze(0)
+        values = normalise_intensity(loaded.data, self.preprocessing.intensity)
+        image = torch.from_numpy(values).unsqueeze(0)
         if self.cache:
             self._cache[index] = image
         return image
@@ -364,73 +370,3 @@ class ManifestDataset(Dataset):
             range(len(self)), desc="loading images", disable=not progress, leave=False
         ):
             self.image(index)
-
-
-def _allocate(n_items: int, fractions: Sequence[float]) -> list[int]:
-    """Split ``n_items`` into parts by ``fractions`` (largest remainder), at least one per part
-    with a positive fraction whenever there are enough items."""
-    ideal = [fraction * n_items for fraction in fractions]
-    counts = [int(np.floor(value)) for value in ideal]
-    order = sorted(range(len(fractions)), key=lambda k: (-(ideal[k] - counts[k]), k))
-    for k in order[: n_items - sum(counts)]:
-        counts[k] += 1
-    wanted = [k for k, fraction in enumerate(fractions) if fraction > 0]
-    if n_items >= len(wanted):
-        for k in wanted:
-            if counts[k] == 0:
-                donor = max(range(len(counts)), key=lambda j: (counts[j], -j))
-                counts[donor] -= 1
-                counts[k] += 1
-    return counts
-
-
-def split_by_subject(
-    rows: Sequence[ManifestRow],
-    fractions: tuple[float, float, float] = (0.7, 0.15, 0.15),
-    seed: int = 0,
-) -> dict[str, list[int]]:
-    """Subject-level split into train / val / test, stratified by label, deterministic by seed.
-
-    A subject's label is the majority label of its rows (ties count as 1). Subjects of each
-    class are shuffled (from the sorted subject names, so the split depends only on the set of
-    subjects and the seed) and allocated to the parts by largest remainder; every part with a
-    positive fraction gets at least one subject of each class when the class has enough
-    subjects.
-
-    Args:
-        rows: manifest rows.
-        fractions: (train, val, test), non-negative, summing to 1.
-        seed: random seed.
-
-    Returns:
-        ``{"train": [...], "val": [...], "test": [...]}``: sorted indices into ``rows``.
-    """
-    fractions = tuple(float(f) for f in fractions)
-    if len(fractions) != 3 or any(not np.isfinite(f) or f < 0 for f in fractions):
-        raise CounterwarpError(
-            f"fractions {fractions} must be three non-negative numbers (train, val, test)"
-        )
-    if abs(sum(fractions) - 1.0) > 1e-6:
-        raise CounterwarpError(
-            f"fractions {fractions} must sum to 1 (they sum to {sum(fractions)})"
-        )
-    rows_of_subject: dict[str, list[int]] = {}
-    for index, row in enumerate(rows):
-        rows_of_subject.setdefault(row.subject, []).append(index)
-    subjects_of_class: dict[int, list[str]] = {0: [], 1: []}
-    for subject in sorted(rows_of_subject):
-        labels = [rows[i].label for i in rows_of_subject[subject]]
-        subject_label = 1 if 2 * sum(labels) >= len(labels) else 0
-        subjects_of_class[subject_label].append(subject)
-    rng = np.random.default_rng(seed)
-    parts: dict[str, list[int]] = {name: [] for name in SPLIT_PARTS}
-    for label in (0, 1):
-        subjects = subjects_of_class[label]
-        permuted = [subjects[i] for i in rng.permutation(len(subjects))]
-        counts = _allocate(len(permuted), fractions)
-        start = 0
-        for name, count in zip(SPLIT_PARTS, counts, strict=True):
-            for subject in permuted[start : start + count]:
-                parts[name].extend(rows_of_subject[subject])
-            start += count
-    return {name: sorted(indices) for name, indices in parts.items()}

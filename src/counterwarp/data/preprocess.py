@@ -45,6 +45,8 @@ import torch
 
 from counterwarp._io import save_nifti_atomic
 from counterwarp.data.checks import check_affine, check_dtype, check_size, verify_compressed_stream
+from counterwarp.data.contract import Preprocessing, normalise_intensity
+from counterwarp.data.orientation import reorient, to_file_grid
 from counterwarp.errors import CounterwarpError
 from counterwarp.limits import check_grid
 
@@ -68,6 +70,9 @@ class LoadedVolume:
         original_shape: shape of the array stored in the file, singleton axes included.
         native_shape: spatial shape of the file after dropping trailing singleton axes.
         model_affine: ``(4, 4)`` voxel-to-world affine of the model grid (mm), i.e. of ``data``.
+        orientation: nibabel orientation transform ``(3, 2)`` from the file's axes to the
+            model's (see :class:`~counterwarp.data.contract.Preprocessing`), or None when
+            the array was used as stored.
     """
 
     path: Path
@@ -76,6 +81,7 @@ class LoadedVolume:
     original_shape: tuple[int, ...]
     native_shape: tuple[int, ...]
     model_affine: np.ndarray
+    orientation: np.ndarray | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -238,12 +244,20 @@ def resample_linear(array: np.ndarray, target_shape: tuple[int, ...]) -> np.ndar
     return resampled.astype(np.float32, copy=False)
 
 
-def load_volume(path: str | os.PathLike[str], shape: tuple[int, ...] | None = None) -> LoadedVolume:
-    """Read a 2D / 3D NIfTI file and resample it (linearly) to ``shape`` if given.
+def load_volume(
+    path: str | os.PathLike[str],
+    shape: tuple[int, ...] | None = None,
+    orientation: str | None = None,
+) -> LoadedVolume:
+    """Read a 2D / 3D NIfTI file, reorient it if asked, and resample it (linearly) to
+    ``shape`` if given.
 
     Args:
         path: a ``.nii`` / ``.nii.gz`` file (anything nibabel reads as an image).
         shape: model grid ``(H, W)`` or ``(D, H, W)`` in voxels; None keeps the file's grid.
+        orientation: axis codes (``"RAS"``) to reorient a 3D image to before resampling, so
+            the model grid's axes point that way whatever the file's orientation; None
+            keeps the array as stored.
 
     Returns:
         a :class:`LoadedVolume` whose ``data`` is float32 of ``shape`` (raw intensities).
@@ -286,14 +300,18 @@ def load_volume(path: str | os.PathLike[str], shape: tuple[int, ...] | None = No
             "it carries no anatomy. Check the file or remove it from the manifest."
         )
     affine = np.asarray(image.affine, dtype=np.float64)
-    target_shape = native_shape if shape is None else tuple(int(n) for n in shape)
+    grid_affine, transform = affine, None
+    if orientation is not None:
+        values, grid_affine, transform = reorient(values, affine, orientation, path)
+    oriented_shape = tuple(int(n) for n in values.shape)
+    target_shape = oriented_shape if shape is None else tuple(int(n) for n in shape)
     data = resample_linear(values, target_shape)
     dim = len(native_shape)
-    scale, offset = _grid_transform(native_shape, target_shape)
+    scale, offset = _grid_transform(oriented_shape, target_shape)
     grid_to_file = np.eye(4)
     grid_to_file[:dim, :dim] = np.diag(scale)
     grid_to_file[:dim, 3] = offset
-    model_affine = affine @ grid_to_file
+    model_affine = grid_affine @ grid_to_file
     return LoadedVolume(
         path=path,
         data=data,
@@ -301,6 +319,7 @@ def load_volume(path: str | os.PathLike[str], shape: tuple[int, ...] | None = No
         original_shape=original_shape,
         native_shape=native_shape,
         model_affine=model_affine,
+        orientation=transform,
     )
 
 
@@ -322,12 +341,10 @@ def restore_to_input(array: np.ndarray | torch.Tensor, loaded: LoadedVolume) -> 
     values = np.asarray(array, dtype=np.float32)
     model_shape = loaded.shape
     if tuple(values.shape) == model_shape:
-        restored = resample_linear(values, loaded.native_shape)
+        restored = to_file_grid(values, loaded)
         return restored.reshape(loaded.original_shape)
     if values.ndim == len(model_shape) + 1 and tuple(values.shape[:-1]) == model_shape:
-        channels = [
-            resample_linear(values[..., c], loaded.native_shape) for c in range(values.shape[-1])
-        ]
+        channels = [to_file_grid(values[..., c], loaded) for c in range(values.shape[-1])]
         restored = np.stack(channels, axis=-1)
         return restored.reshape(*loaded.original_shape, values.shape[-1])
     raise CounterwarpError(
@@ -378,14 +395,23 @@ def zscore_in_brain(array: np.ndarray) -> np.ndarray:
 
 
 def load_model_input(
-    path: str | os.PathLike[str], shape: tuple[int, ...] | None = None
+    path: str | os.PathLike[str],
+    shape: tuple[int, ...] | None = None,
+    preprocessing: Preprocessing | None = None,
 ) -> tuple[torch.Tensor, LoadedVolume]:
     """Load one image exactly as the classifier saw its training images.
 
+    Args:
+        path: the image file.
+        shape: model grid in voxels (None: the file's).
+        preprocessing: orientation and intensity normalisation of the classifier's
+            contract (default: as stored, z-scored over the brain).
+
     Returns:
-        ``((1, *shape) float32 z-scored tensor, LoadedVolume)``; pass the LoadedVolume to
+        ``((1, *shape) float32 normalised tensor, LoadedVolume)``; pass the LoadedVolume to
         :func:`restore_to_input` / :func:`save_on_input_grid` to map results back.
     """
-    loaded = load_volume(path, shape)
-    image = torch.from_numpy(zscore_in_brain(loaded.data)).unsqueeze(0)
-    return image, loaded
+    preprocessing = preprocessing or Preprocessing()
+    loaded = load_volume(path, shape, orientation=preprocessing.orientation)
+    values = normalise_intensity(loaded.data, preprocessing.intensity)
+    return torch.from_numpy(values).unsqueeze(0), loaded

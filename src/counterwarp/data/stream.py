@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from counterwarp.data.contract import Preprocessing
 from counterwarp.data.preprocess import (
     LoadedVolume,
     _check_shape_argument,
@@ -119,9 +120,13 @@ class ImageFiles(Dataset):
     even from a worker process.
     """
 
-    def __init__(self, paths: Sequence[Path], shape: tuple[int, ...]) -> None:
+    def __init__(
+        self, paths: Sequence[Path], shape: tuple[int, ...],
+        preprocessing: Preprocessing | None = None,
+    ) -> None:
         self.paths = [Path(p) for p in paths]
         self.shape = tuple(shape)
+        self.preprocessing = preprocessing
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -130,7 +135,7 @@ class ImageFiles(Dataset):
         self, index: int
     ) -> tuple[int, torch.Tensor | None, LoadedVolume | None, str | None]:
         try:
-            image, volume = load_model_input(self.paths[index], self.shape)
+            image, volume = load_model_input(self.paths[index], self.shape, self.preprocessing)
         except CounterwarpError as error:
             return index, None, None, str(error)
         return index, image, volume, None
@@ -141,7 +146,8 @@ def _as_is(item: Any) -> Any:
 
 
 def stream_images(
-    paths: Sequence[Path], shape: tuple[int, ...], workers: int = 0
+    paths: Sequence[Path], shape: tuple[int, ...], workers: int = 0,
+    preprocessing: Preprocessing | None = None,
 ) -> Iterator[tuple[int, torch.Tensor, LoadedVolume]]:
     """Yield ``(k, image (1, *shape), LoadedVolume)`` for ``paths[k]``, in order.
 
@@ -149,12 +155,13 @@ def stream_images(
         paths: image files.
         shape: model grid in voxels.
         workers: background processes reading ahead (0: read in this process).
+        preprocessing: the classifier's orientation and intensity normalisation.
 
     Raises:
         CounterwarpError: the first unusable file, when the stream reaches it.
     """
     loader = DataLoader(
-        ImageFiles(paths, shape), batch_size=None, shuffle=False,
+        ImageFiles(paths, shape, preprocessing), batch_size=None, shuffle=False,
         num_workers=check_workers(workers), collate_fn=_as_is,
     )
     for index, image, volume, error in loader:

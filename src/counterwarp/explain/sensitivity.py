@@ -20,7 +20,7 @@ from counterwarp.data.template import make_grid
 from counterwarp.data.truth import COHORT_NAME
 from counterwarp.errors import CounterwarpError
 from counterwarp.geometry.warp import warp
-from counterwarp.nn.classifier import classifier_logits
+from counterwarp.nn.classifier import classifier_logits, module_device
 
 __all__ = ["classifier_region_sensitivity"]
 
@@ -62,7 +62,7 @@ def classifier_region_sensitivity(
     if shape != tuple(images.shape[2:]):
         return None
     grid = make_grid(shape, dim=len(shape))
-    device = next(classifier.parameters()).device
+    device = module_device(classifier)
 
     def mean_shift(subset: torch.Tensor, displacement: np.ndarray) -> float | None:
         if subset.shape[0] == 0:

@@ -69,12 +69,11 @@ from counterwarp._io import folder_lock, write_json_atomic, write_text_atomic
 from counterwarp.data.manifest import (
     SPLIT_PARTS,
     ManifestDataset,
-    ManifestRow,
     read_manifest,
     resolve_manifest_path,
-    split_by_subject,
 )
 from counterwarp.data.preprocess import PREPROCESSING_INFO
+from counterwarp.data.split import split_by_subject, split_record
 from counterwarp.errors import CounterwarpError
 from counterwarp.nn.classifier import CLASSIFIER_NAME, Classifier, save_classifier
 from counterwarp.train.augment import augment_batch, augmentation_settings
@@ -149,10 +148,6 @@ def predict_logits(model: nn.Module, dataset: Dataset, batch_size: int = 32) -> 
     if not outputs:
         return np.zeros(0, dtype=np.float32)
     return np.concatenate(outputs).astype(np.float32, copy=False)
-
-
-def _row_record(row: ManifestRow) -> dict[str, Any]:
-    return {"path": str(row.path), "label": row.label, "subject": row.subject, "line": row.line}
 
 
 SELECTION_RULES: dict[str, str] = {
@@ -277,17 +272,11 @@ def train_classifier(
         if group.is_main:
             check_not_trained(out, overwrite)  # again, under the lock
             staging.start()  # first finishes a swap a killed command left half done
-        split_record = {
-            "manifest": str(manifest_path),
-            "seed": seed,
-            "fractions": list(fractions),
-            "positive_label": positive_label,
-            "negative_labels": negative_labels,
-            **{name: [_row_record(rows[i]) for i in split[name]] for name in SPLIT_PARTS},
-        }
+        record = split_record(rows, split, manifest_path, seed, fractions, positive_label,
+                              negative_labels)
         if group.is_main:
             with disk_errors(out / SPLIT_NAME, note):
-                write_json_atomic(staging / SPLIT_NAME, split_record)
+                write_json_atomic(staging / SPLIT_NAME, record)
         parts = {name: Subset(dataset, split[name]) for name in SPLIT_PARTS}
         labels = {name: dataset.labels[split[name]] for name in SPLIT_PARTS}
 

@@ -63,6 +63,7 @@ from counterwarp.stats.benchmark_scores import (
 )
 from counterwarp.stats.benchmark_scores import format_number as _fmt
 from counterwarp.stats.benchmark_scores import markdown_cell as _md
+from counterwarp.workflows.classifier import CONTRACT_NAME
 from counterwarp.workflows.folder import CLASSIFIER_NAME, SIMULATOR_NAME
 
 __all__ = ["methods_figure", "run_benchmark"]
@@ -141,21 +142,9 @@ def methods_figure(
 ) -> Path:
     """PNG: the true map, then every method's map, same subject, same cuts and scales.
 
-    Drawn by :func:`counterwarp.report.figures.methods_figure`: cut at the centre of the
-    subject's brain (world mm, like its explanation and saliency panels); the truth and the
-    simulator's maps (:func:`is_signed`) in percent volume change on one fixed scale,
-    saliency maps normalised to their 99.5th percentile in the brain (0..1).
-
-    Args:
-        image: ``(*S)`` anatomy (z-scored, background 0); maps are shown inside the brain
-            (``image != 0``) only, where they are scored.
-        truth: ``(*S)`` true log volume change.
-        maps: method -> ``(*S)`` map as scored (simulator remove already negated).
-        path: output PNG, written atomically.
-        labels: method -> panel label (default: the method name).
-        title: figure title.
-        columns_2d: panels per row for 2D images.
-        affine: ``(4, 4)`` voxel-to-world matrix of the model grid (mm).
+    Drawn by :func:`counterwarp.report.figures.methods_figure` (see there): ``image``,
+    ``truth`` (true log volume change) and each of ``maps`` (method -> map as scored) are
+    ``(*S)`` arrays on the model grid, whose voxel-to-world matrix is ``affine`` (mm).
     """
     from counterwarp.report.figures import methods_figure as draw
 
@@ -241,10 +230,11 @@ def _markdown(
 
 
 def _validate_run(run: Path) -> None:
+    brought = (run / CONTRACT_NAME).is_file()  # a classifier trained elsewhere
     for name, command in ((CLASSIFIER_NAME, f"train-classifier --manifest DATA/manifest.csv "
                                             f"--out {run}` and then `counterwarp fit"),
                           (SIMULATOR_NAME, f"fit --manifest DATA/manifest.csv --run {run}")):
-        if not (run / name).is_file():
+        if not (run / name).is_file() and not (brought and name == CLASSIFIER_NAME):
             raise CounterwarpError(f"--run {run}: no {name}; run `counterwarp {command}` first")
 
 
@@ -283,6 +273,7 @@ def run_benchmark(
     progress: bool = True,
     device: str | None = None,
     seed: int = 0,
+    classifier: Any = None,
 ) -> dict[str, Any]:
     """Score the run's simulator and saliency baselines against a ``synth`` cohort's truth.
 
@@ -298,6 +289,10 @@ def run_benchmark(
         sigma: Gaussian sd (voxels) of the region-scale Pearson.
         progress: progress bar over subjects x methods (stderr).
         device: torch device; None = CUDA when available, else CPU.
+        classifier: a :class:`~counterwarp.workflows.classifier.ClassifierSource`
+            (``--classifier``); it must be the one the run's simulator was fitted for.
+            Hook-based methods (guided backprop, Grad-CAM) are left out for a TorchScript
+            or torch.export classifier, which has no modules to hook.
         seed: seeds torch's RNG for the maps (SmoothGrad noise), so reruns give the same
             numbers; the caller's RNG state is restored afterwards.
 
@@ -331,12 +326,12 @@ def run_benchmark(
         raise CounterwarpError(f"--out {out} exists and is not a folder; choose a folder path")
     with writing_folder(out, "benchmark results", hint="move it away, or choose another --out"):
         return _benchmark_into(data, run, out, chosen, occlusion_patch, threshold, sigma,
-                               progress, device, seed)
+                               progress, device, seed, classifier)
 
 
 def _benchmark_into(data: Path, run: Path, out: Path, chosen: list[str], occlusion_patch: int,
                     threshold: float, sigma: float, progress: bool, device: str | None,
-                    seed: int) -> dict[str, Any]:
+                    seed: int, classifier: Any = None) -> dict[str, Any]:
     """The body of :func:`run_benchmark`, run while holding ``out``'s lock and transaction."""
     from counterwarp.data.preprocess import load_volume
     from counterwarp.nn.classifier import last_conv_layer
@@ -344,20 +339,23 @@ def _benchmark_into(data: Path, run: Path, out: Path, chosen: list[str], occlusi
     from counterwarp.workflows.folder import (
         load_images,
         load_run_simulator,
+        model_preprocessing,
         model_shape,
         rows_in_split,
     )
-    from counterwarp.workflows.saliency import check_occlusion_patch
+    from counterwarp.workflows.saliency import check_occlusion_patch, hookable_methods
 
     check_cohort(data)
     _validate_run(run)
-    simulator, payload = load_run_simulator(run)
+    simulator, payload = load_run_simulator(run, source=classifier)
+    chosen = hookable_methods(chosen, payload, progress)
     shape = model_shape(payload)
     check_occlusion_patch(chosen, occlusion_patch, shape)
     rows = rows_in_split(run, data / MANIFEST_NAME, "test",
                          positive_label=payload.get("positive_label"))
     truth = load_cohort_truth(data, rows, shape)
-    images, labels = load_images(rows, shape, progress=False)
+    images, labels = load_images(rows, shape, progress=False,
+                                 preprocessing=model_preprocessing(payload))
     torch_device = choose_device(device)
     assert simulator.net_ is not None and simulator.classifier_ is not None
     simulator.net_.to(torch_device)

@@ -32,9 +32,11 @@ from counterwarp.data.stream import (
 from counterwarp.errors import CounterwarpError
 from counterwarp.explain.simulator import Explanation
 from counterwarp.report.figures import explanation_panel
+from counterwarp.workflows.classifier import ClassifierSource
 from counterwarp.workflows.folder import (
     EXPLAIN_SUMMARY_NAME,
     load_run_simulator,
+    model_preprocessing,
     model_shape,
     rows_in_split,
 )
@@ -115,8 +117,12 @@ def explain_run(
     progress: bool = True,
     shard: str | Shard | None = None,
     workers: int = 0,
+    classifier: ClassifierSource | None = None,
 ) -> list[dict[str, Any]]:
     """Explain images with the run's simulator; write NIfTI maps, PNG panels, summary.csv.
+
+    ``classifier`` (``--classifier``) must be the classifier the run's simulator was
+    fitted for; by default the run's own is used.
 
     Per image and direction: ``<id>_<direction>_simulated.nii.gz``,
     ``<id>_<direction>_displacement.nii.gz`` (vector image, model voxels, last axis = the
@@ -150,7 +156,7 @@ def explain_run(
         return _explain_into(
             held, run, out, manifest=manifest, split=split, images=images,
             directions=directions, panels=panels, progression=progression, progress=progress,
-            shard=shard, workers=workers,
+            shard=shard, workers=workers, classifier=classifier,
         )
 
 
@@ -162,12 +168,13 @@ def _explain_into(
     transaction: Any, run: Path, out: Path, *, manifest: str | Path | None, split: str,
     images: list[str | Path] | None, directions: tuple[str, ...], panels: bool,
     progression: int, progress: bool, shard: Shard | None, workers: int,
+    classifier: ClassifierSource | None = None,
 ) -> list[dict[str, Any]]:
     """The body of :func:`explain_run`, run while holding ``out``'s lock and transaction."""
     from counterwarp.explain.progression import check_progression_supported
     from counterwarp.workflows.progression import write_progression
 
-    simulator, payload = load_run_simulator(run)
+    simulator, payload = load_run_simulator(run, source=classifier)
     if progression:
         check_progression_supported(simulator, progression)
     shape = model_shape(payload)
@@ -178,12 +185,14 @@ def _explain_into(
     done = 0
     bar = tqdm(total=len(mine) * len(directions), desc="explain", disable=not progress)
     try:
-        for k, tensor, volume in stream_images([item.path for item in mine], shape, workers):
+        for k, tensor, volume in stream_images([item.path for item in mine], shape, workers,
+                                              model_preprocessing(payload)):
             out.mkdir(parents=True, exist_ok=True)  # once the first image has loaded
             for name in directions:
                 explanation = simulator.explain(tensor.unsqueeze(0), name)
                 summary.append(
-                    _write_explanation(out, ids[k], mine[k], volume, explanation, panels)
+                    _write_explanation(out, ids[k], mine[k], volume, explanation, panels,
+                                       payload.get("contract"))
                 )
                 if progression:
                     write_progression(out, ids[k], simulator, tensor, name, progression,
@@ -209,8 +218,13 @@ def _explain_into(
 
 def _write_explanation(
     out: Path, image_id_: str, item: ExplainInput, volume: Any, explanation: Explanation,
-    panel: bool,
+    panel: bool, contract: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """Write one explanation's maps and panel; its row of ``summary.csv``. A regression
+    contract's score is a prediction in its unit: no probability, no flipped prediction."""
+    regression = (contract or {}).get("output") == "regression"
+    score = "prediction" if regression else "logit"
+    unit = f" {contract['unit']}" if regression and contract.get("unit") else ""
     stem = f"{image_id_}_{explanation.direction}"
     simulated = explanation.simulated[0, 0].numpy()
     change = explanation.log_volume_change[0].numpy()
@@ -222,12 +236,14 @@ def _write_explanation(
         explanation_panel(
             explanation.image[0, 0].numpy(), simulated, change, out / f"{stem}.png",
             title=f"{image_id_}: {explanation.direction} "
-                  f"(logit {float(explanation.logit_before[0]):+.2f} -> "
-                  f"{float(explanation.logit_after[0]):+.2f})",
+                  f"({score} {float(explanation.logit_before[0]):+.2f} -> "
+                  f"{float(explanation.logit_after[0]):+.2f}{unit})",
             affine=volume.model_affine,
         )
     before, after = float(explanation.logit_before[0]), float(explanation.logit_after[0])
     brain = explanation.image[0, 0].numpy() != 0
+    probability = (lambda value: float(torch.sigmoid(torch.tensor(value)))) if not regression \
+        else (lambda value: "")
     return {
         "id": image_id_,
         "path": str(item.path),
@@ -235,12 +251,12 @@ def _write_explanation(
         "direction": explanation.direction,
         "logit_before": before,
         "logit_after": after,
-        "probability_before": float(torch.sigmoid(torch.tensor(before))),
-        "probability_after": float(torch.sigmoid(torch.tensor(after))),
+        "probability_before": probability(before),
+        "probability_after": probability(after),
         "logit_shift": after - before,
         "margin": explanation.margin,
         "moved_by_margin": bool(explanation.moved[0]),
-        "prediction_flipped": (before > 0) != (after > 0),
+        "prediction_flipped": "" if regression else (before > 0) != (after > 0),
         "folding_share": float(explanation.folding[0]),
         "mean_abs_log_volume_change": float(np.abs(change[brain]).mean()) if brain.any()
         else 0.0,

@@ -10,17 +10,27 @@ from counterwarp import distributed
 from counterwarp._io import folder_lock, remove_stale_temps, write_json_atomic
 from counterwarp.explain.simulator import Simulator
 from counterwarp.train.common import choose_device
-from counterwarp.train.staging import FIT_STAGING, Staging, disk_errors, file_digest, recover_run
+from counterwarp.train.staging import FIT_STAGING, Staging, disk_errors, recover_run
+from counterwarp.workflows.classifier import (
+    CONTRACT_NAME,
+    ClassifierSource,
+    classifier_digest,
+    record_digest,
+    stage_source,
+)
 from counterwarp.workflows.folder import (
     CHECKPOINT_NAME,
-    CLASSIFIER_NAME,
     FIT_METRICS_NAME,
     LOG_NAME,
     SIMULATOR_NAME,
+    SPLIT_NAME,
+    draw_split,
     load_images,
     load_run_classifier,
+    model_preprocessing,
     model_shape,
     rows_in_split,
+    select_rows,
 )
 
 
@@ -33,6 +43,7 @@ def fit_run(
     resume: bool = False,
     progress: bool = True,
     device: str | None = None,
+    classifier: ClassifierSource | None = None,
     **settings: Any,
 ) -> dict[str, Any]:
     """Fit the simulator for the run's classifier on the ``split`` images of ``manifest``.
@@ -47,19 +58,32 @@ def fit_run(
     ``resume`` discards that staged progress first. ``resume`` with a larger ``steps``
     extends a finished fit (constant learning rate only).
 
+    ``classifier`` (``--classifier``: a model counterwarp did not train) is checked, fitted
+    for, and recorded in the run with the simulator (``RUN/classifier.json`` and a copy of
+    its file, see :mod:`counterwarp.workflows.classifier`); a run without ``split.json``
+    then gets the subject-level split ``train-classifier`` would draw (seed 0), so the
+    simulator's held-out test part exists.
+
     Under torchrun every rank trains (see :mod:`counterwarp.distributed`) and rank 0 alone
     takes the folder lock and writes; every rank returns the same summary.
     """
     run = Path(run)
     group = distributed.current()
     progress = progress and group.is_main
-    classifier, payload = load_run_classifier(run)
-    classifier_sha256 = file_digest(run / CLASSIFIER_NAME)
+    source = classifier
+    classifier, payload = load_run_classifier(run, source=source)
+    classifier_sha256 = record_digest(source) if source else classifier_digest(run)
     simulator = Simulator(**settings)  # validates the settings before any work
     if device is not None:
         choose_device(device)  # an unknown device name is a user error, not a traceback
-    rows = rows_in_split(run, manifest, split, positive_label=payload.get("positive_label"))
-    images, _ = load_images(rows, model_shape(payload), progress=progress)
+    new_split = None
+    if source is not None and not (run / SPLIT_NAME).is_file():
+        new_split = draw_split(manifest, payload.get("positive_label"))
+    rows = (select_rows(new_split, manifest, split, payload.get("positive_label"))
+            if new_split else
+            rows_in_split(run, manifest, split, positive_label=payload.get("positive_label")))
+    images, _ = load_images(rows, model_shape(payload), progress=progress,
+                            preprocessing=model_preprocessing(payload))
     lock = folder_lock(run, "a simulator") if group.is_main else contextlib.nullcontext()
     staging = Staging(run, FIT_STAGING)
     note = (f"the run folder {run} is unchanged; this fit's progress is kept in "
@@ -89,6 +113,8 @@ def fit_run(
             "logit_mean": simulator.logit_mean_,
             "logit_std": simulator.logit_std_,
             "settings": simulator.config.to_dict(),
+            "output": (payload.get("contract") or {}).get("output", "logit"),
+            "unit": (payload.get("contract") or {}).get("unit"),
             "final_step": simulator.history_[-1] if simulator.history_ else {},
             **bindings,
         }
@@ -97,6 +123,15 @@ def fit_run(
                 simulator.save(staging / SIMULATOR_NAME, extra=bindings)
             with disk_errors(run / FIT_METRICS_NAME, note):
                 write_json_atomic(staging / FIT_METRICS_NAME, summary)
-            staging.commit([LOG_NAME, CHECKPOINT_NAME, FIT_METRICS_NAME, SIMULATOR_NAME])
+            brought: list[str] = []
+            if source is not None:
+                with disk_errors(run / CONTRACT_NAME, note):
+                    brought = stage_source(source, staging.folder)
+            if new_split is not None:
+                with disk_errors(run / SPLIT_NAME, note):
+                    write_json_atomic(staging / SPLIT_NAME, new_split)
+                brought.append(SPLIT_NAME)
+            staging.commit([*brought, LOG_NAME, CHECKPOINT_NAME, FIT_METRICS_NAME,
+                            SIMULATOR_NAME])
         group.barrier()
     return summary

@@ -19,12 +19,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from counterwarp._io import write_json_atomic
-from counterwarp.data.manifest import ManifestDataset, ManifestRow, read_manifest
+from counterwarp.data.contract import Preprocessing, parse_contract
+from counterwarp.data.manifest import (
+    ManifestDataset,
+    ManifestRow,
+    read_manifest,
+    resolve_manifest_path,
+)
+from counterwarp.data.split import split_by_subject, split_record
 from counterwarp.errors import CounterwarpError
 from counterwarp.explain.simulator import Simulator
-from counterwarp.nn.classifier import CLASSIFIER_NAME, Classifier, load_classifier
+from counterwarp.nn.classifier import CLASSIFIER_NAME, load_classifier
 from counterwarp.train.checkpoint import CHECKPOINT_NAME, LOG_NAME
 from counterwarp.train.classifier import (
     CLASSIFIER_LOG_NAME,
@@ -32,6 +40,15 @@ from counterwarp.train.classifier import (
     SPLIT_NAME,
 )
 from counterwarp.train.staging import CLASSIFIER_STAGING, FIT_STAGING, file_digest
+from counterwarp.workflows.classifier import (
+    CONTRACT_NAME,
+    ClassifierSource,
+    classifier_digest,
+    load_source,
+    read_record,
+    recorded_source,
+    same_source,
+)
 
 __all__ = [
     "BENCHMARK_FOLDER",
@@ -59,10 +76,13 @@ __all__ = [
     "load_images",
     "load_run_classifier",
     "load_run_simulator",
+    "model_preprocessing",
     "model_shape",
     "parse_parts",
     "read_split",
     "rows_in_split",
+    "select_rows",
+    "draw_split",
     "write_provenance",
 ]
 
@@ -93,9 +113,14 @@ def _rerun_training(run: Path, payload: dict[str, Any]) -> str:
 
 
 def load_run_classifier(
-    run: str | Path, map_location: str | torch.device = "cpu"
-) -> tuple[Classifier, dict[str, Any]]:
+    run: str | Path, map_location: str | torch.device = "cpu",
+    source: ClassifierSource | None = None,
+) -> tuple[nn.Module, dict[str, Any]]:
     """The classifier of a run folder (eval mode) and its checkpoint payload.
+
+    ``source`` (from ``--classifier``) is used when given; else the classifier the run's
+    ``classifier.json`` records (see :mod:`counterwarp.workflows.classifier`); else the
+    run's own ``classifier.pt``. A brought classifier is checked on a dummy batch first.
 
     Refused when ``split.json`` is not the split the classifier was trained on (its
     ``split_sha256`` differs: a retraining left the run half swapped, or the file was
@@ -103,6 +128,10 @@ def load_run_classifier(
     not by ``train-classifier``) is accepted.
     """
     run = Path(run)
+    if source is None and (record := read_record(run)) is not None:
+        source = recorded_source(run, record)
+    if source is not None:
+        return load_source(source, map_location)
     model, payload = load_classifier(run / CLASSIFIER_NAME, map_location=map_location)
     recorded, split_path = payload.get("split_sha256"), run / SPLIT_NAME
     if isinstance(recorded, str) and split_path.is_file():
@@ -118,6 +147,15 @@ def load_run_classifier(
 def model_shape(payload: dict[str, Any]) -> tuple[int, ...]:
     """The spatial shape (voxels) the run's classifier takes."""
     return tuple(int(n) for n in payload["config"]["input_shape"])
+
+
+def model_preprocessing(payload: dict[str, Any]) -> Preprocessing:
+    """Orientation and intensity normalisation the run's classifier expects (its contract;
+    counterwarp's own classifier: as stored, z-scored over the brain)."""
+    contract = payload.get("contract")
+    if contract is None:
+        return Preprocessing()
+    return parse_contract(contract).preprocessing
 
 
 def read_split(run: str | Path) -> dict[str, Any]:
@@ -168,7 +206,16 @@ def rows_in_split(
     A manifest whose files are not in the split at all (another cohort) is used whole,
     since none of its subjects can have trained the classifier.
     """
-    split = read_split(run)  # its negative_labels map the labels as at training
+    return select_rows(read_split(run), manifest, parts, positive_label,
+                       where=str(Path(run) / SPLIT_NAME))
+
+
+def select_rows(
+    split: dict[str, Any], manifest: str | Path, parts: str,
+    positive_label: str | None = None, where: str = SPLIT_NAME,
+) -> list[ManifestRow]:
+    """The rows of ``manifest`` in ``parts`` of a ``split.json`` record (see
+    :func:`rows_in_split`)."""
     rows = read_manifest(manifest, positive_label=positive_label,
                          negative_labels=split.get("negative_labels"))
     wanted = {str(Path(item["path"]).resolve()) for p in parse_parts(parts) for item in split[p]}
@@ -177,44 +224,67 @@ def rows_in_split(
         return rows
     selected = [row for row in rows if str(row.path) in wanted]
     if not selected:
-        raise CounterwarpError(
-            f"no row of {manifest} belongs to the {parts!r} part of {Path(run) / SPLIT_NAME}"
-        )
+        raise CounterwarpError(f"no row of {manifest} belongs to the {parts!r} part of {where}")
     return selected
 
 
+def draw_split(manifest: str | Path, positive_label: str | None) -> dict[str, Any]:
+    """The ``split.json`` record ``train-classifier`` would draw for ``manifest`` (subject
+    level, stratified by label, 70/15/15 %, seed 0), for a run whose classifier was
+    trained elsewhere."""
+    rows = read_manifest(manifest, positive_label=positive_label)
+    fractions, seed = (0.7, 0.15, 0.15), 0
+    split = split_by_subject(rows, fractions, seed)
+    record = split_record(rows, split, resolve_manifest_path(manifest), seed, fractions,
+                          positive_label, None)
+    return {**record, "classifier": "brought (trained elsewhere)"}
+
+
 def load_images(
-    rows: list[ManifestRow], shape: tuple[int, ...], progress: bool = True
+    rows: list[ManifestRow], shape: tuple[int, ...], progress: bool = True,
+    preprocessing: Preprocessing | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Preprocessed images (N, 1, *shape) and labels (N,) of ``rows``, as the classifier saw."""
-    dataset = ManifestDataset(rows, shape=shape, cache=True)
+    dataset = ManifestDataset(rows, shape=shape, cache=True, preprocessing=preprocessing)
     dataset.preload(progress=progress)
     images = torch.stack([dataset[i][0] for i in range(len(dataset))])
     labels = torch.tensor([float(row.label) for row in rows])
     return images, labels
 
 
-def load_run_simulator(run: str | Path) -> tuple[Simulator, dict[str, Any]]:
+def load_run_simulator(
+    run: str | Path, source: ClassifierSource | None = None
+) -> tuple[Simulator, dict[str, Any]]:
     """The fitted simulator of a run folder, bound to the run's classifier, and the
     classifier checkpoint's metadata (input shape, positive label, ...).
 
-    Refused when ``simulator.pt`` was fitted for another ``classifier.pt`` (its
-    ``classifier_sha256`` differs: the classifier was retrained since). A simulator without
+    Refused when ``simulator.pt`` was fitted for another classifier (its
+    ``classifier_sha256`` differs: the classifier was retrained since), or when ``source``
+    (``--classifier``) is not the classifier the run records. A simulator without
     that record (written before bindings existed) is accepted. The simulator's
     :attr:`~counterwarp.explain.simulator.Simulator.provenance_` holds the digests of the
     simulator, classifier and split files it was loaded from (see :func:`write_provenance`).
     """
     run = Path(run)
+    if source is not None and not same_source(read_record(run), source):
+        raise CounterwarpError(
+            f"--classifier {source.where} is not the classifier {run / SIMULATOR_NAME} was "
+            f"fitted for; fit one for it (`counterwarp fit --classifier {source.where} ... "
+            f"--run NEW_RUN`) or leave --classifier out to use the run's own"
+        )
     classifier, payload = load_run_classifier(run)
     simulator_path = run / SIMULATOR_NAME
     simulator = Simulator.load(simulator_path, classifier)
-    classifier_sha256 = file_digest(run / CLASSIFIER_NAME)
+    classifier_sha256 = classifier_digest(run)
     recorded = simulator.provenance_.get("classifier_sha256")
     if recorded is not None and recorded != classifier_sha256:
         manifest = payload.get("manifest") if isinstance(payload.get("manifest"), str) else "M"
+        brought = (run / CONTRACT_NAME).is_file()
         raise CounterwarpError(
-            f"{simulator_path} was fitted for another {run / CLASSIFIER_NAME} (retrained "
-            f"since); rerun `counterwarp fit --manifest {manifest} --run {run}`"
+            f"{simulator_path} was fitted for another "
+            f"{run / (CONTRACT_NAME if brought else CLASSIFIER_NAME)} "
+            f"({'changed' if brought else 'retrained'} since); rerun "
+            f"`counterwarp fit --manifest {manifest} --run {run}`"
         )
     split_path = run / SPLIT_NAME
     simulator.provenance_ = {

@@ -82,6 +82,7 @@ def _maps_from_simulator(
     from counterwarp.workflows.folder import (
         SPLIT_NAME,
         load_run_simulator,
+        model_preprocessing,
         model_shape,
         read_split,
         rows_in_split,
@@ -109,7 +110,7 @@ def _maps_from_simulator(
     shape = model_shape(payload)
     tensors, affines, ids = [], [], []
     for row in tqdm(rows, desc="group: load", disable=not progress):
-        tensor, volume = load_model_input(row.path, shape)
+        tensor, volume = load_model_input(row.path, shape, model_preprocessing(payload))
         tensors.append(tensor)
         affines.append(volume.model_affine)
         ids.append(image_id(row.path))

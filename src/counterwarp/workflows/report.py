@@ -24,6 +24,7 @@ from counterwarp.data.truth import REGIONS_NAME, REGIONS_TABLE_NAME, TRUTH_DIR
 from counterwarp.errors import CounterwarpError
 from counterwarp.report.html import ReportInputs, guarded_note, render_report
 from counterwarp.report.markup import read_json
+from counterwarp.workflows.classifier import CONTRACT_NAME, read_record, same_source
 from counterwarp.workflows.folder import (
     BENCHMARK_FOLDER,
     CLASSIFIER_LOG_NAME,
@@ -41,6 +42,7 @@ from counterwarp.workflows.folder import (
     SPLIT_NAME,
     check_provenance,
 )
+from counterwarp.workflows.saliency import HOOK_METHODS
 
 __all__ = ["REPORT_SALIENCY_METHODS", "report_run"]
 
@@ -143,8 +145,12 @@ def _gather_subjects(
         try:
             inputs.saliency_dir = tmp / SALIENCY_FOLDER
             inputs.saliency_made = True
-            saliency_run(run, inputs.saliency_dir, methods=list(REPORT_SALIENCY_METHODS),
-                         images=paths, progress=progress)
+            record = read_record(run) or {}
+            methods = [m for m in REPORT_SALIENCY_METHODS
+                       if record.get("kind") not in ("torchscript", "export")
+                       or m not in HOOK_METHODS]
+            saliency_run(run, inputs.saliency_dir, methods=methods, images=paths,
+                         progress=progress)
         except CounterwarpError as error:
             inputs.saliency_dir, inputs.saliency_error = None, str(error)
 
@@ -173,6 +179,7 @@ def report_run(
     n_subjects: int = 4,
     compute: bool = True,
     progress: bool = False,
+    classifier: Any = None,
 ) -> Path:
     """Write the run's self-contained HTML report and return its path.
 
@@ -191,6 +198,7 @@ def report_run(
         compute: make missing group maps, panels and saliency maps with the run's models;
             False only embeds what exists.
         progress: show progress bars while computing.
+        classifier: ``--classifier``; must be the classifier the run records.
 
     Raises:
         CounterwarpError: ``run`` is not a folder; a given ``explain_dir`` /
@@ -206,6 +214,11 @@ def report_run(
     if isinstance(n_subjects, bool) or not isinstance(n_subjects, int) or n_subjects < 0:
         raise CounterwarpError(f"n_subjects must be a non-negative integer, got {n_subjects!r}")
     _check_given_inputs(explain_dir, saliency_dir, benchmark)
+    if classifier is not None and not same_source(read_record(run), classifier):
+        raise CounterwarpError(
+            f"--classifier {classifier.where} is not the classifier {run} records; leave "
+            "--classifier out to report on the run's own"
+        )
     if explain_dir is not None and (run / SIMULATOR_NAME).is_file():
         check_provenance(Path(explain_dir).expanduser(), run)  # made by the run's simulator?
     target = Path(out).expanduser() if out is not None else run / REPORT_NAME
@@ -256,7 +269,7 @@ def _report_into(
         run=run,
         group_dir=Path(group_dir or run / GROUP_FOLDER),
         split=read_json(run / SPLIT_NAME),
-        has_classifier=(run / CLASSIFIER_NAME).is_file(),
+        has_classifier=(run / CLASSIFIER_NAME).is_file() or (run / CONTRACT_NAME).is_file(),
         has_simulator=(run / SIMULATOR_NAME).is_file(),
         files={
             "classifier_metrics": run / CLASSIFIER_METRICS_NAME,

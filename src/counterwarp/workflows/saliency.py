@@ -45,9 +45,10 @@ from counterwarp.explain.saliency import SALIENCY_METHODS, saliency_map
 from counterwarp.nn.classifier import last_conv_layer
 from counterwarp.report.figures import saliency_panel
 from counterwarp.train.common import choose_device
+from counterwarp.workflows.classifier import ClassifierSource
 from counterwarp.workflows.explain import FOREIGN_HINT, explain_inputs, shard_inputs
 from counterwarp.workflows.folder import SALIENCY_INDEX_NAME as INDEX_NAME
-from counterwarp.workflows.folder import load_run_classifier, model_shape
+from counterwarp.workflows.folder import load_run_classifier, model_preprocessing, model_shape
 
 INDEX_COLUMNS = ("id", "path", "label", "method", "file", "panel")
 
@@ -89,6 +90,38 @@ def parse_methods(methods: str | Sequence[str]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+#: Methods that hook the model's modules (a TorchScript / torch.export model has none).
+HOOK_METHODS = ("guided_backprop", "gradcam")
+
+
+def _compiled_kind(payload: dict[str, Any]) -> str | None:
+    kind = (payload.get("classifier") or {}).get("kind")
+    return {"torchscript": "TorchScript", "export": "torch.export"}.get(kind)
+
+
+def check_hooks_supported(methods: list[str], payload: dict[str, Any]) -> None:
+    """Refuse guided backprop and Grad-CAM for a compiled (TorchScript / export) model."""
+    kind, hooked = _compiled_kind(payload), [m for m in methods if m in HOOK_METHODS]
+    if kind and hooked:
+        raise CounterwarpError(
+            f"--method {','.join(hooked)} needs the model's modules, which a {kind} "
+            "classifier does not expose; use gradient, integrated_gradients, smoothgrad, "
+            "gradient_x_input or occlusion, or give the model as module:factory --weights"
+        )
+
+
+def hookable_methods(methods: list[str], payload: dict[str, Any], say: bool) -> list[str]:
+    """``methods`` without guided backprop and Grad-CAM for a compiled model (said once)."""
+    kind = _compiled_kind(payload)
+    if not kind:
+        return methods
+    left_out = [m for m in methods if m in HOOK_METHODS]
+    if left_out and say:
+        print(f"note: {', '.join(left_out)} left out: a {kind} classifier has no modules to "
+              "hook", flush=True)
+    return [m for m in methods if m not in HOOK_METHODS]
+
+
 def check_occlusion_patch(methods: list[str], patch: object, shape: tuple[int, ...]) -> None:
     """Refuse an occlusion patch that is not an integer in 1..min(shape) (model voxels)."""
     if "occlusion" not in methods:
@@ -113,6 +146,7 @@ def saliency_run(
     device: str | None = None,
     shard: str | Shard | None = None,
     workers: int = 0,
+    classifier: ClassifierSource | None = None,
 ) -> list[dict[str, Any]]:
     """Saliency maps of the run's classifier for each image, written as NIfTI and PNG.
 
@@ -167,7 +201,7 @@ def saliency_run(
         return _saliency_into(
             held, run, out, chosen, manifest=manifest, split=split, images=images,
             occlusion_patch=occlusion_patch, progress=progress, device=device, shard=shard,
-            workers=workers,
+            workers=workers, classifier=classifier,
         )
 
 
@@ -175,10 +209,11 @@ def _saliency_into(
     transaction: Any, run: Path, out: Path, chosen: list[str], *,
     manifest: str | Path | None, split: str, images: Sequence[str | Path] | None,
     occlusion_patch: int, progress: bool, device: str | None, shard: Shard | None,
-    workers: int,
+    workers: int, classifier: ClassifierSource | None = None,
 ) -> list[dict[str, Any]]:
     """The body of :func:`saliency_run`, run while holding ``out``'s lock and transaction."""
-    model, payload = load_run_classifier(run)
+    model, payload = load_run_classifier(run, source=classifier)
+    check_hooks_supported(chosen, payload)
     shape = model_shape(payload)
     check_occlusion_patch(chosen, occlusion_patch, shape)
     inputs = explain_inputs(
@@ -192,7 +227,8 @@ def _saliency_into(
 
     rows: list[dict[str, Any]] = []
     bar = tqdm(total=len(mine) * len(chosen), desc="saliency", disable=not progress)
-    stream = stream_images([item.path for item in mine], shape, workers)
+    stream = stream_images([item.path for item in mine], shape, workers,
+                           model_preprocessing(payload))
     done = 0
     try:
         while True:

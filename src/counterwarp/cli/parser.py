@@ -1,65 +1,22 @@
-"""Command-line interface: parse arguments, call the Python API, print where things went.
-
-Kept thin on purpose: every command maps onto one API function. User errors
-(:class:`counterwarp.errors.CounterwarpError`) and file-system errors (:class:`OSError`)
-print one line on stderr and exit with 2.
-"""
+"""The argument parser: one sub-command per workflow, every option with its help, default
+and, at the end of each command's ``--help``, a worked example."""
 
 from __future__ import annotations
 
 import argparse
-import re
-import sys
 from pathlib import Path
 
-from counterwarp.errors import CounterwarpError
-
-
-def _shape(values: list[int] | None) -> tuple[int, ...] | None:
-    return None if values is None else tuple(values)
-
-
-def _cmd_synth(args: argparse.Namespace) -> None:
-    from counterwarp.data.synthetic import synth
-
-    manifest = synth(
-        args.out,
-        n=args.n,
-        shape=_shape(args.shape),
-        dim=args.dim,
-        diseased_fraction=args.diseased_fraction,
-        effect=args.effect,
-        seed=args.seed,
-        effect_spec=args.effect_spec,
-        overwrite=args.overwrite,
-    )
-    print(f"cohort written to {Path(args.out)}  (manifest: {manifest})")
-
-
-def _cmd_train_classifier(args: argparse.Namespace) -> None:
-    from counterwarp.distributed import is_main
-    from counterwarp.train.classifier import train_classifier
-
-    metrics = train_classifier(
-        args.manifest,
-        args.out,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        seed=args.seed,
-        shape=_shape(args.shape),
-        positive_label=args.positive_label,
-        negative_labels=args.negative_labels,
-        overwrite=args.overwrite,
-    )
-    if not is_main():  # under torchrun, rank 0 reports
-        return
-    test = metrics["test"]
-    print(
-        f"classifier test metrics: accuracy {test['accuracy']:.3f}, balanced accuracy "
-        f"{test['balanced_accuracy']:.3f}, AUC {test['auc']:.3f} (n={test['n']})"
-    )
-    print(f"wrote {Path(args.out) / 'classifier.pt'}, classifier_metrics.json, split.json")
+from counterwarp.cli.commands import (
+    _cmd_benchmark,
+    _cmd_demo,
+    _cmd_explain,
+    _cmd_fit,
+    _cmd_group,
+    _cmd_report,
+    _cmd_saliency,
+    _cmd_synth,
+    _cmd_train_classifier,
+)
 
 
 def _add_fit_options(p: argparse.ArgumentParser) -> None:
@@ -83,112 +40,6 @@ def _add_fit_options(p: argparse.ArgumentParser) -> None:
         kind = float if default is None else type(default)  # margin: a float or None
         p.add_argument(flag, type=kind, default=None, choices=CHOICES.get(name),
                        help=text + shown)
-
-
-def _fit_settings(args: argparse.Namespace) -> dict:
-    """The ``fit`` options given on the command line, as FitConfig settings."""
-    from counterwarp.train.config import SETTING_HELP
-
-    return {
-        name: getattr(args, name) for name in SETTING_HELP if getattr(args, name) is not None
-    }
-
-
-def _cmd_fit(args: argparse.Namespace) -> None:
-    from counterwarp.distributed import is_main
-    from counterwarp.workflows.fit import fit_run
-
-    summary = fit_run(
-        args.manifest, args.run, split=args.split, resume=args.resume, device=args.device,
-        **_fit_settings(args),
-    )
-    if not is_main():  # under torchrun, rank 0 reports
-        return
-    final = summary["final_step"]
-    print(
-        f"simulator fitted on {summary['n_images']} images; margin {summary['margin']:.3f} "
-        f"({summary['margin_rule']}); last step: moved share {final.get('moved_share', 0):.2f}"
-    )
-    print(f"wrote {Path(args.run) / 'simulator.pt'}, simulator_fit.json, simulator_log.csv")
-
-
-def _cmd_explain(args: argparse.Namespace) -> None:
-    from counterwarp.data.stream import parse_shard, table_name
-    from counterwarp.workflows.explain import explain_run
-    from counterwarp.workflows.folder import EXPLAIN_SUMMARY_NAME
-
-    rows = explain_run(
-        args.run, args.out, manifest=args.manifest, split=args.split, images=args.images,
-        direction=args.direction, progression=args.progression, shard=args.shard,
-        workers=args.workers,
-    )
-    moved = sum(bool(r["moved_by_margin"]) for r in rows)
-    table = table_name(EXPLAIN_SUMMARY_NAME, parse_shard(args.shard))
-    print(f"explained {len(rows)} image-direction pairs; {moved} moved past the margin")
-    print(f"wrote NIfTI maps, PNG panels and {table} to {Path(args.out)}")
-
-
-def _cmd_saliency(args: argparse.Namespace) -> None:
-    from counterwarp.data.stream import parse_shard, table_name
-    from counterwarp.workflows.saliency import INDEX_NAME, saliency_run
-
-    rows = saliency_run(
-        args.run, args.out, methods=args.method, manifest=args.manifest, split=args.split,
-        images=args.images, occlusion_patch=args.occlusion_patch, device=args.device,
-        shard=args.shard, workers=args.workers,
-    )
-    n_images = len({r["id"] for r in rows})
-    n_methods = len({r["method"] for r in rows})
-    table = table_name(INDEX_NAME, parse_shard(args.shard))
-    print(f"saliency: {n_images} images x {n_methods} methods")
-    print(f"wrote <id>_<method>.nii.gz maps, <id>_saliency.png panels and {table} "
-          f"to {Path(args.out)}")
-
-
-def _cmd_benchmark(args: argparse.Namespace) -> None:
-    from counterwarp.workflows.benchmark import run_benchmark
-
-    result = run_benchmark(
-        args.data, args.run, args.out, methods=args.methods,
-        occlusion_patch=args.occlusion_patch, threshold=args.threshold, sigma=args.sigma,
-        device=args.device, seed=args.seed,
-    )
-    print(f"benchmark: {result['n_test']} held-out subjects ({result['n_test_diseased']} "
-          f"diseased) x {len(result['methods'])} methods")
-    print(f"wrote results.csv, results.json, results.md, methods_figure.png to {Path(args.out)}")
-
-
-def _cmd_group(args: argparse.Namespace) -> None:
-    from counterwarp.workflows.group import group_run
-
-    directions = ("inject", "remove") if args.direction == "both" else (args.direction,)
-    for direction in directions:
-        summary = group_run(
-            args.run, args.out, direction=direction, maps_dir=args.maps,
-            manifest=args.manifest, split=args.split, subset=args.subjects, atlas=args.atlas,
-            atlas_names=args.atlas_names, mask=args.mask, q=args.q,
-        )
-        print(f"group {direction}: {summary['n_subjects']} maps in {summary['space']}; "
-              f"{summary['n_fdr_voxels']} of {summary['n_brain_voxels']} voxels survive FDR "
-              f"q={summary['q']:g}")
-    print(f"wrote group_<direction>_{{mean,t,p,fdr_mask}}.nii.gz, PNGs, README to {args.out}")
-
-
-def _cmd_report(args: argparse.Namespace) -> None:
-    from counterwarp.workflows.report import report_run
-
-    path = report_run(
-        args.run, args.out, explain_dir=args.explain, saliency_dir=args.saliency,
-        benchmark=args.benchmark, n_subjects=args.subjects, compute=not args.no_compute,
-        progress=True,
-    )
-    print(f"wrote {path}")
-
-
-def _cmd_demo(args: argparse.Namespace) -> None:
-    from counterwarp.workflows.demo import run_demo
-
-    run_demo(args.out, quick=args.quick)
 
 
 def _add_stream_options(p: argparse.ArgumentParser, table: str) -> None:
@@ -238,6 +89,21 @@ def _command(sub: argparse._SubParsersAction, name: str, summary: str) -> argpar
         name, help=summary, description=summary, formatter_class=_HelpFormatter,
         epilog=f"example:\n  {EXAMPLES[name]}",
     )
+
+
+def _classifier_options(p: argparse.ArgumentParser, fit: bool = False) -> None:
+    """``--classifier SPEC``, ``--weights FILE``, ``--contract FILE``: a model counterwarp
+    did not train (``fit`` records it in the run; the other commands use the run's)."""
+    p.add_argument("--classifier", default=None, metavar="SPEC",
+                   help="a classifier you trained: a TorchScript file, a torch.export .pt2 "
+                        "file, or package.module:factory with --weights"
+                        + (" (recorded in the run for the later commands)" if fit else
+                           " (must be the one the run was fitted for; default: the run's)"))
+    p.add_argument("--weights", type=Path, default=None, metavar="FILE",
+                   help="state dict for --classifier module:factory (loaded weights-only)")
+    p.add_argument("--contract", type=Path, default=None, metavar="FILE",
+                   help="JSON input contract of --classifier: input_shape, channels, "
+                        "intensity, orientation, output, class_index, unit, positive_label")
 
 
 def _device_option(p: argparse.ArgumentParser) -> None:
@@ -303,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which parts of RUN/split.json to train on (train, val, test joined "
                         "with '+', or all)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    _classifier_options(p, fit=True)
     _add_fit_options(p)
     _device_option(p)
     p.set_defaults(func=_cmd_fit)
@@ -318,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--progression", type=int, default=0, metavar="N",
                    help="also write <id>_<direction>_progression.gif with N frames along "
                         "x o exp(t v) (needs `fit --field velocity`; 0: none)")
+    _classifier_options(p)
     _add_stream_options(p, "summary.csv")
     p.set_defaults(func=_cmd_explain)
 
@@ -331,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="*", type=Path, help="NIfTI images (instead of --manifest)")
     p.add_argument("--occlusion-patch", type=int, default=4,
                    help="occlusion patch edge in model-grid voxels")
+    _classifier_options(p)
     _device_option(p)
     p.add_argument("--out", required=True, type=Path, help="output folder")
     _add_stream_options(p, "saliency_index.csv")
@@ -354,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sigma", type=float, default=1.5,
                    help="region-scale smoothing, in voxels")
     p.add_argument("--seed", type=int, default=0, help="seeds SmoothGrad's noise")
+    _classifier_options(p)
     _device_option(p)
     p.set_defaults(func=_cmd_benchmark)
 
@@ -385,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subjects", type=int, default=4, help="held-out subjects to show")
     p.add_argument("--no-compute", action="store_true",
                    help="only embed what exists; compute nothing missing")
+    _classifier_options(p)
     p.set_defaults(func=_cmd_report)
 
     p = _command(sub, "demo", "synth -> train-classifier -> fit -> explain -> report, on "
@@ -395,38 +266,3 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-
-
-def one_line(message: str) -> str:
-    """``message`` as a single terminal line: no ANSI escapes, line breaks become spaces."""
-    parts = _ANSI_ESCAPE.sub("", message).splitlines()
-    return " ".join(part.strip() for part in parts if part.strip())
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``counterwarp`` console script; returns the exit status.
-
-    A user error (:class:`CounterwarpError`) or a file-system error (:class:`OSError`: a
-    path through a file, a full disk, no permission) prints one line on stderr and returns 2.
-    """
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        args.func(args)
-    except CounterwarpError as error:
-        print(f"counterwarp {args.command}: error: {one_line(str(error))}", file=sys.stderr)
-        return 2
-    except OSError as error:
-        where = f"{error.filename}: " if error.filename else ""
-        reason = error.strerror or str(error)
-        print(f"counterwarp {args.command}: error: {one_line(where + reason)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"counterwarp {args.command}: interrupted", file=sys.stderr)
-        return 130
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
