@@ -133,8 +133,7 @@ def source_kind(spec: str) -> str:
             names = archive.namelist()
     except (OSError, zipfile.BadZipFile):
         names = []
-    if any("serialized_exported_program" in n or n.endswith("/models/model.json")
-           or "/models/" in n for n in names):
+    if any("serialized_exported_program" in n or "/models/" in n for n in names):
         return "export"
     if any("/code/" in n or n.endswith("constants.pkl") for n in names):
         return "torchscript"

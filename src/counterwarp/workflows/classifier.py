@@ -22,6 +22,7 @@ import hashlib
 import json
 import shutil
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -65,13 +66,18 @@ class ClassifierSource:
     def where(self) -> str:
         return self.factory or str(self.file)
 
+    @cached_property
+    def file_sha256(self) -> str:
+        """sha256 of :attr:`file`, read once."""
+        return file_digest(self.file)
+
     def record(self) -> dict[str, Any]:
         """``RUN/classifier.json`` for this source, its file copied as ``MODEL_FILE_NAMES``."""
         return {
             "format": RECORD_FORMAT,
             "kind": self.kind,
             "file": MODEL_FILE_NAMES[self.kind],
-            "file_sha256": file_digest(self.file),
+            "file_sha256": self.file_sha256,
             "factory": self.factory,
             "contract": self.contract.to_dict(),
         }

@@ -42,7 +42,7 @@ from counterwarp.workflows.folder import (
     SPLIT_NAME,
     check_provenance,
 )
-from counterwarp.workflows.saliency import HOOK_METHODS
+from counterwarp.workflows.saliency import hookable_methods
 
 __all__ = ["REPORT_SALIENCY_METHODS", "report_run"]
 
@@ -145,10 +145,8 @@ def _gather_subjects(
         try:
             inputs.saliency_dir = tmp / SALIENCY_FOLDER
             inputs.saliency_made = True
-            record = read_record(run) or {}
-            methods = [m for m in REPORT_SALIENCY_METHODS
-                       if record.get("kind") not in ("torchscript", "export")
-                       or m not in HOOK_METHODS]
+            methods = hookable_methods(list(REPORT_SALIENCY_METHODS),
+                                       {"classifier": read_record(run)}, say=False)
             saliency_run(run, inputs.saliency_dir, methods=methods, images=paths,
                          progress=progress)
         except CounterwarpError as error:
