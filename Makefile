@@ -9,7 +9,7 @@ PY     := $(VENV)/bin/python
 DEMO_OUT ?= runs/demo
 DEMO_ARGS ?=
 
-.PHONY: demo test bench lint install clean
+.PHONY: demo test bench lint install clean real-brain
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,12 @@ test: install
 
 bench: install
 	$(PY) benchmarks/run.py
+
+# Debian's mricron-data: the Colin27 brain (ch2.nii.gz with skull, ch2bet.nii.gz stripped)
+# and the AAL / Harvard-Oxford atlases, for `synth --anatomy colin27` and the real-brain tests.
+real-brain:
+	@test -f /usr/share/mricron/templates/ch2bet.nii.gz || \
+	  (apt-get update -qq && apt-get install -y -qq mricron-data)
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -230,7 +230,8 @@ def test_train_classifier_learns_and_writes_run(
     assert 1 <= metrics["best_epoch"] <= 12
 
     split = json.loads((run / "split.json").read_text())
-    assert split["manifest"] == str(manifest.resolve())
+    # stored relative to the run folder, so the project can be moved as a whole
+    assert (run / split["manifest"]).resolve() == manifest.resolve()
     subjects = {
         part: {item["subject"] for item in split[part]} for part in ("train", "val", "test")
     }
@@ -238,7 +239,8 @@ def test_train_classifier_learns_and_writes_run(
     assert not subjects["train"] & subjects["test"]
     assert not subjects["val"] & subjects["test"]
     assert sum(len(split[p]) for p in ("train", "val", "test")) == 64
-    assert all(Path(item["path"]).is_absolute() for item in split["test"])
+    assert not any(Path(item["path"]).is_absolute() for item in split["test"])
+    assert all((run / item["path"]).is_file() for item in split["test"])
 
     on_disk = json.loads((run / "classifier_metrics.json").read_text())
     assert on_disk["test"] == metrics["test"]
@@ -252,7 +254,8 @@ def test_train_classifier_learns_and_writes_run(
     from counterwarp.data.manifest import ManifestDataset, read_manifest
 
     rows = read_manifest(manifest)
-    test_rows = [rows[[str(r.path) for r in rows].index(item["path"])] for item in split["test"]]
+    paths = [str(r.path) for r in rows]
+    test_rows = [rows[paths.index(str((run / item["path"]).resolve()))] for item in split["test"]]
     logits = predict_logits(model, ManifestDataset(test_rows), batch_size=5)
     assert logits.shape == (len(test_rows),)
     np.testing.assert_allclose(logits.mean(), metrics["test"]["logit_mean"], rtol=1e-4, atol=1e-5)

@@ -16,6 +16,7 @@ from nibabel import orientations
 from torch import nn
 
 from counterwarp.cli import main
+from counterwarp.data.derivatives import output_name
 from counterwarp.workflows.explain import explain_run
 
 SHAPE = (16, 14, 12)
@@ -97,7 +98,7 @@ def test_inject_grows_what_the_score_counts(tmp_path, kind):
         assert moved >= 0.75, (direction, moved)
         shifts = [sign * float(r["logit_shift"]) for r in mine]
         assert min(shifts) > 0
-        change = [nib.load(out / f"{r['id']}_{direction}_log_volume_change.nii.gz").get_fdata()
+        change = [nib.load(out / output_name(r["id"], direction, "logjac")).get_fdata()
                   for r in mine]
         assert all(sign * c[core].mean() > 0.1 for c in change)
 
@@ -158,7 +159,7 @@ def test_same_anatomy_in_three_orientations_gives_the_same_logits_and_maps(tmp_p
         assert logits["PIR"] == pytest.approx(logits["RAS"], abs=1e-5)
         reference = None
         for codes, out in outputs.items():
-            written = nib.load(out / f"anatomy_{codes}_inject_log_volume_change.nii.gz")
+            written = nib.load(out / f"anatomy_{codes}_desc-inject_logjac.nii.gz")
             source = nib.load(files[codes])
             assert written.shape == source.shape
             assert np.allclose(written.affine, source.affine)

@@ -44,7 +44,11 @@ def _contract(tmp_path: Path, **values) -> Path:
 def test_contract_defaults_and_round_trip():
     contract = parse_contract({"input_shape": [8, 8, 8]})
     assert (contract.channels, contract.intensity, contract.orientation, contract.output) == (
-        1, "zscore-brain", None, "logit")
+        1, "zscore-brain", "RAS", "logit")  # 3D images are brought to RAS unless told
+    assert parse_contract({"input_shape": [8, 8]}).orientation is None  # 2D: no orientation
+    as_stored = parse_contract({"input_shape": [8, 8, 8], "orientation": None})
+    assert as_stored.orientation is None
+    assert parse_contract(as_stored.to_dict()) == as_stored
     fixed = parse_contract({"input_shape": [8, 8, 8], "intensity": {"mean": 3, "sd": 2},
                             "orientation": "las", "output": "class", "class_index": 1})
     assert fixed.intensity == (3.0, 2.0) and fixed.orientation == "LAS"

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from counterwarp.data.derivatives import output_name
 from counterwarp.data.maps import load_map_folder, read_atlas_names
 from counterwarp.errors import CounterwarpError
 from counterwarp.explain.progression import progression_frames
@@ -132,11 +133,13 @@ def test_map_folder_reads_only_the_direction_of_an_explain_folder(tmp_path):
         for direction, value in (("inject", 1.0), ("remove", -1.0)):
             values = np.full((8, 8), value + index, np.float32)
             nib.save(nib.Nifti1Image(values, np.eye(4)),
-                     str(folder / f"s{index}_{direction}_log_volume_change.nii.gz"))
-        nib.save(nib.Nifti1Image(np.zeros((8, 8, 2), np.float32), np.eye(4)),
-                 str(folder / f"s{index}_inject_displacement.nii.gz"))
+                     str(folder / output_name(f"s{index}", direction, "logjac")))
+            nib.save(nib.Nifti1Image(values, np.eye(4)),  # same grid, not a map
+                     str(folder / output_name(f"s{index}", direction, "simulated")))
+        nib.save(nib.Nifti1Image(np.zeros((8, 8, 1, 1, 2), np.float32), np.eye(4)),
+                 str(folder / output_name(f"s{index}", "inject", "xfm")))
     maps, _, ids = load_map_folder(folder, "remove")
-    assert ids == [f"s{i}_remove_log_volume_change" for i in range(3)]
+    assert ids == [f"s{i}_desc-remove_logjac" for i in range(3)]
     assert np.allclose(maps[:, 0, 0], [-1.0, 0.0, 1.0])
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -233,7 +236,8 @@ def test_progression_starts_at_the_image_and_ends_at_the_simulation(tmp_path):
 def test_write_progression_names_the_gif_after_image_and_direction(tmp_path):
     simulator = _hand_made_simulator("velocity")
     path = write_progression(tmp_path, "sub-01", simulator, _image()[0], "remove", 3)
-    assert path == tmp_path / "sub-01_remove_progression.gif"
+    assert path == tmp_path / output_name("sub-01", "remove", "progression")
+    assert path.name == "sub-01_desc-remove_progression.gif"
     with Image.open(path) as gif:
         assert gif.n_frames == 3
 

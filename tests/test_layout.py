@@ -1,5 +1,6 @@
-"""The package's layers: every import points down (cli -> workflows -> explain / train /
-report -> stats / nn / data / losses -> geometry -> errors, _io), and no module is long."""
+"""The package's layers: every import points down (cli, images -> workflows -> prepare /
+explain / train / report -> stats / nn / data / losses -> geometry -> errors, _io), and no
+module is long."""
 
 from __future__ import annotations
 
@@ -25,8 +26,11 @@ ALLOWED: dict[str, set[str]] = {
                       "global_batchnorm"},
     "report": _BASE | {"geometry", "stats", "data"},
     "explain": _BASE | {"geometry", "nn", "data", "losses", "stats", "train"},
+    "prepare": _BASE | {"geometry", "data", "report"},
     "workflows": _BASE | {"geometry", "nn", "data", "losses", "stats", "train", "explain",
-                          "report", "distributed", "global_batchnorm"},
+                          "report", "distributed", "global_batchnorm", "prepare"},
+    "images": _BASE | {"geometry", "nn", "data", "losses", "stats", "train", "explain",
+                       "report", "prepare", "workflows"},
 }
 MAX_LINES = 440
 

@@ -227,7 +227,7 @@ def test_saliency_maps_lie_on_the_input_grid(pipeline, arch, fmt):
         (image_id(p), m) for p in paths for m in methods)
     for row in index:
         source = nib.load(row["path"])
-        saliency = nib.load(row["file"])
+        saliency = nib.load(result.run / "saliency" / row["file"])
         assert saliency.shape == source.shape == (16, 16, 16)
         np.testing.assert_allclose(saliency.affine, source.affine, atol=1e-5)
         values = np.asarray(saliency.dataobj)

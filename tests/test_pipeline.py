@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 
 from counterwarp.cli import main
+from counterwarp.data.derivatives import DATASET_DESCRIPTION_NAME, derivative_id, output_name
 from counterwarp.data.manifest import image_id
 from counterwarp.workflows.explain import SUMMARY_COLUMNS
 from counterwarp.workflows.fit import fit_run
+from counterwarp.workflows.folder import read_split
 
 TINY_FIT = {"steps": 4, "batch_size": 4, "channels": (4, 8, 8), "latent_dim": 16,
             "checkpoint_every": 2}
@@ -52,21 +54,26 @@ def test_explain_writes_maps_on_the_input_grid(fitted_run, tmp_path, capsys):
                  "--direction", "both", "--out", str(out)])
     assert code == 0
     assert str(out) in capsys.readouterr().out
-    split = json.loads((run / "split.json").read_text())
+    split = read_split(run)  # paths resolved, however split.json stores them
     test_paths = [item["path"] for item in split["test"]]
     with open(out / "summary.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert tuple(rows[0]) == SUMMARY_COLUMNS
     assert len(rows) == 2 * len(test_paths)
     first = nib.load(test_paths[0])
-    stem = image_id(__import__("pathlib").Path(test_paths[0]))
+    stem = derivative_id(image_id(__import__("pathlib").Path(test_paths[0])))
+    assert rows[0]["id"] == stem
     for direction in ("remove", "inject"):
-        change = nib.load(out / f"{stem}_{direction}_log_volume_change.nii.gz")
+        change = nib.load(out / output_name(stem, direction, "logjac"))
         assert change.shape == first.shape
         np.testing.assert_allclose(change.affine, first.affine)
-        displacement = nib.load(out / f"{stem}_{direction}_displacement.nii.gz")
-        assert displacement.shape == (*first.shape, 2)
-        assert (out / f"{stem}_{direction}.png").stat().st_size > 1000
+        simulated = nib.load(out / output_name(stem, direction, "simulated"))
+        assert simulated.shape == first.shape
+        field = nib.load(out / output_name(stem, direction, "xfm"))  # 2D: as ANTs writes
+        assert field.shape == (*first.shape[:2], 1, 1, 2)
+        assert (out / output_name(stem, direction, "panel")).stat().st_size > 1000
+    assert (out / DATASET_DESCRIPTION_NAME).is_file()
+    assert not list(out.glob("*_log_volume_change.nii.gz"))  # the old names are gone
 
 
 def test_explain_resamples_back_to_a_different_input_grid(fitted_run, tmp_path):
@@ -78,7 +85,7 @@ def test_explain_resamples_back_to_a_different_input_grid(fitted_run, tmp_path):
     out = tmp_path / "out"
     assert main(["explain", "--run", str(run), str(path), "--direction", "inject",
                  "--out", str(out)]) == 0
-    change = nib.load(out / "other_subject_inject_log_volume_change.nii.gz")
+    change = nib.load(out / "other_subject_desc-inject_logjac.nii.gz")
     assert change.shape == bigger.shape
 
 

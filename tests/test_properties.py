@@ -24,6 +24,7 @@ import hypothesis.strategies as st
 import torch
 from hypothesis import HealthCheck, given, settings
 
+from counterwarp.data.derivatives import derivative_id, output_name
 from counterwarp.data.manifest import image_id, read_manifest
 from counterwarp.geometry.volume import log_volume_change
 from counterwarp.workflows.explain import ExplainInput, unique_ids
@@ -142,9 +143,11 @@ def test_ids_are_plain_names_that_stay_inside_out(name: str) -> None:
     out = Path("/data/out")
     id_ = image_id(Path("/somewhere") / name)
     assert re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", id_), id_
-    for suffix in ("_inject_simulated.nii.gz", "_gradient.nii.gz", "_saliency.png"):
-        target = out / f"{id_}{suffix}"
-        assert target.parent == out and not target.name.startswith(".")
+    for name in (output_name(derivative_id(id_), "inject", "simulated"),
+                 f"{id_}_gradient.nii.gz", f"{id_}_saliency.png"):
+        target = out / name
+        assert target.parent == out and not target.name.startswith("."), name
+        assert re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", target.name), name
 
 
 @FAST

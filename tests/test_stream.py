@@ -74,8 +74,14 @@ def test_union_of_shards_equals_the_unsharded_run(
 
     shard_tables = [table_name(table, (i, 3)) for i in range(3)]
     assert shard_tables[0] == table.replace(".csv", ".shard-0-of-3.csv")
+    records = {table_name("provenance.json", (i, 3)) for i in range(3)}  # one per shard
     assert {p.name for p in sharded.iterdir()} == (
-        {p.name for p in whole.iterdir()} - {table} | set(shard_tables))
+        {p.name for p in whole.iterdir()} - {table, "provenance.json"} | set(shard_tables)
+        | records)
+    shard_inputs = [set(json.loads((sharded / name).read_text())["inputs_sha256"])
+                    for name in sorted(records)]
+    assert set().union(*shard_inputs) == set(
+        json.loads((whole / "provenance.json").read_text())["inputs_sha256"])
     rows = [row for name in shard_tables for row in _table(sharded, name)]
     expected = _table(whole, table)
     assert len(rows) == len(expected) == 7

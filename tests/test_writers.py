@@ -25,6 +25,7 @@ import torch
 
 from counterwarp._io import LOCK_NAME, atomic_path, lock_name, owned_files
 from counterwarp.cli import main
+from counterwarp.data.derivatives import output_name
 from counterwarp.errors import CounterwarpError
 from counterwarp.explain.simulator import Simulator
 from counterwarp.workflows.folder import load_run_classifier, load_run_simulator
@@ -215,7 +216,7 @@ def test_explain_reruns_into_its_own_folder_but_refuses_foreign_files(
     assert main(_explain(world, out)) == 0  # a rerun into its own --out is fine
     other = tmp_path / "other"
     other.mkdir()
-    foreign = other / "sub-1_inject_log_volume_change.nii.gz"
+    foreign = other / output_name("sub-1", "inject", "logjac")
     foreign.write_bytes(b"the user's own map")
     before = _snapshot(other)
     capsys.readouterr()
@@ -246,7 +247,7 @@ def _disk_full_on_call(monkeypatch: pytest.MonkeyPatch, failing_call: int) -> No
 
 #: command -> (a file its first save writes, the save call that fails: after some files
 #: of this run were already replaced)
-DISK_FULL = {"explain": ("sub-0_inject_simulated.nii.gz", 4),
+DISK_FULL = {"explain": (output_name("sub-0", "inject", "simulated"), 4),
              "saliency": ("sub-0_gradient.nii.gz", 2),
              "group": ("group_inject_mean.nii.gz", 4)}
 

@@ -32,8 +32,11 @@ def main(argv: list[str] | None = None) -> int:
     A user error (:class:`CounterwarpError`) or a file-system error (:class:`OSError`: a
     path through a file, a full disk, no permission) prints one line on stderr and returns 2.
     """
+    from counterwarp._io.provenance import set_command_line
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    set_command_line(list(sys.argv[1:] if argv is None else argv))
     try:
         args.func(args)
     except CounterwarpError as error:

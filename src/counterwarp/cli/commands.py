@@ -24,6 +24,7 @@ def _cmd_synth(args: argparse.Namespace) -> None:
         seed=args.seed,
         effect_spec=args.effect_spec,
         overwrite=args.overwrite,
+        anatomy=args.anatomy,
     )
     print(f"cohort written to {Path(args.out)}  (manifest: {manifest})")
 
@@ -106,7 +107,7 @@ def _cmd_explain(args: argparse.Namespace) -> None:
     rows = explain_run(
         args.run, args.out, manifest=args.manifest, split=args.split, images=args.images,
         direction=args.direction, progression=args.progression, shard=args.shard,
-        workers=args.workers, classifier=_classifier(args),
+        workers=args.workers, classifier=_classifier(args), native=args.native,
     )
     moved = sum(bool(r["moved_by_margin"]) for r in rows)
     table = table_name(EXPLAIN_SUMMARY_NAME, parse_shard(args.shard))
@@ -169,6 +170,18 @@ def _cmd_report(args: argparse.Namespace) -> None:
         progress=True, classifier=_classifier(args),
     )
     print(f"wrote {path}")
+
+
+def _cmd_prepare(args: argparse.Namespace) -> None:
+    from counterwarp.workflows.prepare import prepare_scans
+
+    shape = _shape(args.shape)
+    if shape is None and args.voxel_size is None:
+        shape = (32, 32, 32)
+    result = prepare_scans(args.input, args.out, skull_strip=args.skull_strip, shape=shape,
+                           voxel_size=args.voxel_size, label_column=args.label_column)
+    print(f"prepared {len(result['scans'])} scans into {Path(args.out)}  "
+          f"(manifest: {result['manifest']}; QC figures: *_desc-registration_T1w.png)")
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:

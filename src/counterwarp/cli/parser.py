@@ -12,11 +12,13 @@ from counterwarp.cli.commands import (
     _cmd_explain,
     _cmd_fit,
     _cmd_group,
+    _cmd_prepare,
     _cmd_report,
     _cmd_saliency,
     _cmd_synth,
     _cmd_train_classifier,
 )
+from counterwarp.data.anatomy import ANATOMIES, DEFAULT_ANATOMY
 
 
 def _add_fit_options(p: argparse.ArgumentParser) -> None:
@@ -80,6 +82,7 @@ EXAMPLES: dict[str, str] = {
     "benchmark": "counterwarp benchmark --data cohort --run run --out run/benchmark",
     "group": "counterwarp group --run run --direction both --out run/group",
     "report": "counterwarp report --run run",
+    "prepare": "counterwarp prepare --input bids/ --label-column diagnosis --out prepared",
     "demo": "counterwarp demo --out runs/demo",
 }
 
@@ -137,6 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--effect-spec", type=Path, default=None,
                    help="JSON file of effect regions (default: ventricles + hippocampi)")
     p.add_argument("--seed", type=int, default=0, help="random seed of the cohort")
+    p.add_argument("--anatomy", choices=ANATOMIES, default=DEFAULT_ANATOMY,
+                   help="the brain every subject is made from: the smooth MNI152 template "
+                        "(nilearn) or Colin27, one real individual (Debian's mricron-data; "
+                        "`make real-brain` installs it)")
     p.set_defaults(func=_cmd_synth)
 
     p = _command(sub, "train-classifier", "train the paper's CNN on a manifest")
@@ -183,8 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="remove: healthier; inject: more diseased")
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--progression", type=int, default=0, metavar="N",
-                   help="also write <id>_<direction>_progression.gif with N frames along "
+                   help="also write <id>_desc-<direction>_progression.gif with N frames along "
                         "x o exp(t v) (needs `fit --field velocity`; 0: none)")
+    p.add_argument("--native", action="store_true",
+                   help="also write every map in each subject's native scan space "
+                        "(<id>_space-T1w_desc-<direction>_*.nii.gz), through the transform "
+                        "`counterwarp prepare` recorded; needs its --manifest")
     _classifier_options(p)
     _add_stream_options(p, "summary.csv")
     p.set_defaults(func=_cmd_explain)
@@ -257,6 +268,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only embed what exists; compute nothing missing")
     _classifier_options(p)
     p.set_defaults(func=_cmd_report)
+
+    p = _command(sub, "prepare", "native T1 scans -> skull-stripped, registered to MNI152, on "
+                                 "the model grid, with a manifest")
+    p.add_argument("--input", required=True, type=Path,
+                   help="a folder of NIfTI scans, a manifest CSV (path,label,...) or a BIDS "
+                        "dataset (participants.tsv + sub-*/anat/*_T1w.nii.gz)")
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--skull-strip", choices=("deepbet", "none"), default="deepbet",
+                   help="brain extraction (deepbet, its model inside the package), or none for "
+                        "scans that are skull-stripped already")
+    p.add_argument("--shape", type=int, nargs=3, default=None, metavar=("X", "Y", "Z"),
+                   help="model grid in voxels (default 32 32 32; with --voxel-size alone, "
+                        "derived from the template brain's extent)")
+    p.add_argument("--voxel-size", type=float, default=None, metavar="MM",
+                   help="isotropic voxel size in mm (default: the smallest that fits the "
+                        "template brain in --shape)")
+    p.add_argument("--label-column", default=None, metavar="COLUMN",
+                   help="the column holding the label (participants.tsv for BIDS, the CSV's "
+                        "for a manifest; default: label)")
+    p.set_defaults(func=_cmd_prepare)
 
     p = _command(sub, "demo", "synth -> train-classifier -> fit -> explain -> report, on "
                               "embedded data")

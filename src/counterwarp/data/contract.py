@@ -22,10 +22,12 @@ Intensity normalisations (per image, on the model grid, after resampling):
 - ``none``: the file's intensities as stored;
 - ``{"mean": m, "sd": s}``: ``(x - m) / s`` with fixed numbers (e.g. a dataset's).
 
-Orientation: ``null`` feeds the voxel array as stored; axis codes (``"RAS"``, ``"LAS"``,
-``"PIR"``, ...: where each array axis points, as nibabel's ``aff2axcodes`` writes them)
-reorient every 3D image to that orientation first, so the model sees the anatomy the way it
-was trained whatever the file's own orientation; outputs go back to the file's grid.
+Orientation: axis codes (``"RAS"``, ``"LAS"``, ``"PIR"``, ...: where each array axis
+points, as nibabel's ``aff2axcodes`` writes them) reorient every 3D image to that
+orientation first, so the model sees the anatomy the way it was trained whatever the file's
+own orientation; outputs go back to the file's grid. Without the key a 3D model gets
+:data:`CANONICAL_ORIENTATION` (RAS), as counterwarp's own classifier does; ``null`` feeds
+the voxel array as stored.
 
 Outputs: ``logit`` (one number per image, or index ``class_index`` of C outputs when given),
 ``class`` (C class logits: the explained score is the log-odds of class ``class_index``
@@ -48,6 +50,9 @@ from counterwarp.errors import CounterwarpError
 
 #: The intensity normalisations by name (a fixed ``{"mean", "sd"}`` is the fourth kind).
 INTENSITIES = ("zscore-brain", "minmax", "none")
+#: The orientation every 3D image is brought to before a network sees it (unless a
+#: classifier's contract names another, or null).
+CANONICAL_ORIENTATION = "RAS"
 #: What the explained score is: one logit, the log-odds of one class, or a regression value.
 OUTPUTS = ("logit", "class", "regression")
 _KEYS = ("input_shape", "channels", "intensity", "orientation", "output", "class_index",
@@ -154,7 +159,7 @@ def parse_contract(values: Any, where: str = "classifier contract") -> Classifie
     channels = values.get("channels", 1)
     if not _is_int(channels) or channels < 1:
         raise CounterwarpError(f"{where}: channels must be a positive integer, got {channels!r}")
-    orientation = values.get("orientation")
+    orientation = values.get("orientation", CANONICAL_ORIENTATION if len(shape) == 3 else None)
     if orientation is not None:
         orientation = check_orientation(orientation, where)
         if len(shape) != 3:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from counterwarp.data.contract import Preprocessing, normalise_intensity
+from counterwarp.data.contract import CANONICAL_ORIENTATION, Preprocessing, normalise_intensity
 from counterwarp.data.labels import check_label_mapping, parse_negative_labels
 from counterwarp.data.preprocess import (
     LoadedVolume,
@@ -271,8 +271,9 @@ class ManifestDataset(Dataset):
     """Torch dataset of manifest images, preprocessed for the classifier.
 
     ``dataset[i]`` is ``(image, label)``: ``image`` a ``(1, *spatial_shape)`` float32 tensor
-    (reoriented and normalised as ``preprocessing`` says: by default as stored and z-scored
-    over non-zero voxels; resampled linearly to ``shape`` if given), ``label`` a
+    (reoriented and normalised as ``preprocessing`` says: by default 3D images reoriented to
+    RAS and z-scored over non-zero voxels; resampled linearly to ``shape`` if given),
+    ``label`` a
     ``()`` float32 tensor (0. or 1.).
 
     Attributes:
@@ -289,7 +290,6 @@ class ManifestDataset(Dataset):
         preprocessing: Preprocessing | None = None,
     ) -> None:
         self.rows: list[ManifestRow] = list(rows)
-        self.preprocessing = preprocessing or Preprocessing()
         if not self.rows:
             raise CounterwarpError("no images given (empty manifest / empty selection)")
         native = [image_spatial_shape(row.path) for row in self.rows]
@@ -302,6 +302,9 @@ class ManifestDataset(Dataset):
                 f"{self.rows[i3].path} has shape {native[i3]}. Use one kind per manifest."
             )
         self.dim: int = dims.pop()
+        self.preprocessing = preprocessing or Preprocessing(
+            orientation=CANONICAL_ORIENTATION if self.dim == 3 else None
+        )
         if shape is None:
             different = next((i for i, s in enumerate(native) if s != native[0]), None)
             if different is not None:

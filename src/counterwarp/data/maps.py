@@ -15,6 +15,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from counterwarp.data.derivatives import output_stem_suffix
 from counterwarp.data.manifest import nifti_stem
 from counterwarp.errors import CounterwarpError
 
@@ -58,8 +59,9 @@ def load_map_folder(
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Read a folder of per-subject maps that are already in one space.
 
-    When the folder holds files named ``*_<direction>_log_volume_change.nii[.gz]`` (as
-    ``counterwarp explain`` writes them) only those are read; otherwise every NIfTI file.
+    When the folder holds files named ``*_desc-<direction>_logjac.nii[.gz]`` (as
+    ``counterwarp explain`` writes them, :mod:`counterwarp.data.derivatives`) only those are
+    read; otherwise every NIfTI file.
 
     Returns:
         ``(maps (N, *S) float64, affine (4, 4), ids)``, files in sorted order.
@@ -73,7 +75,8 @@ def load_map_folder(
         raise CounterwarpError(f"--maps {folder}: not a folder of NIfTI maps")
     files = sorted(p for p in folder.iterdir() if _is_nifti(p))
     if direction is not None:
-        named = [p for p in files if nifti_stem(p).endswith(f"_{direction}_log_volume_change")]
+        ending = output_stem_suffix(direction, "logjac")
+        named = [p for p in files if nifti_stem(p).endswith(ending)]
         if named:
             files = named
     if len(files) < 2:

@@ -244,6 +244,25 @@ def resample_linear(array: np.ndarray, target_shape: tuple[int, ...]) -> np.ndar
     return resampled.astype(np.float32, copy=False)
 
 
+def _voxels(image, path: Path, native_shape: tuple[int, ...]) -> np.ndarray:
+    """The voxels of an opened image as stored (scaling applied): ``(*native_shape)`` float32."""
+    try:
+        values = np.asarray(image.get_fdata(dtype=np.float32), dtype=np.float32)
+    except Exception as error:
+        raise CounterwarpError(
+            f"{path}: cannot read the voxel data ({type(error).__name__}: {error}); "
+            "the file is probably truncated or corrupt. Re-export or re-copy it."
+        ) from error
+    return values.reshape(native_shape)
+
+
+def read_input_voxels(loaded: LoadedVolume) -> np.ndarray:
+    """The input file's own voxels again: ``(*native_shape)`` float32 on the file's grid, at
+    its own intensities (no reorientation, resampling or normalisation), for outputs that
+    live on the input grid (``explain``'s simulated image and brain mask)."""
+    return _voxels(_open_image(loaded.path), loaded.path, loaded.native_shape)
+
+
 def load_volume(
     path: str | os.PathLike[str],
     shape: tuple[int, ...] | None = None,
@@ -274,14 +293,7 @@ def load_volume(
         check_grid(shape, f"model grid {tuple(int(n) for n in shape)} for {path}",
                    fix="A run's grid comes from its classifier: retrain it on a smaller grid "
                    "(`counterwarp train-classifier --shape 64 64 64`).")
-    try:
-        values = np.asarray(image.get_fdata(dtype=np.float32), dtype=np.float32)
-    except Exception as error:
-        raise CounterwarpError(
-            f"{path}: cannot read the voxel data ({type(error).__name__}: {error}); "
-            "the file is probably truncated or corrupt. Re-export or re-copy it."
-        ) from error
-    values = values.reshape(native_shape)
+    values = _voxels(image, path, native_shape)
     n_nan = int(np.isnan(values).sum())
     if n_nan:
         raise CounterwarpError(

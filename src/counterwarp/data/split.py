@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -102,3 +103,41 @@ def split_record(
             for name in SPLIT_PARTS
         },
     }
+
+
+def split_on_disk(record: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """``record`` (from :func:`split_record`) as ``folder/split.json`` stores it: the
+    manifest's and every row's path relative to ``folder``, so a run folder moved together
+    with its cohort (``mv project elsewhere``) still finds its images."""
+    base = Path(folder).resolve()
+
+    def relative(path: str) -> str:
+        return Path(os.path.relpath(Path(path).resolve(), base)).as_posix()
+
+    stored = dict(record)
+    if isinstance(stored.get("manifest"), str):
+        stored["manifest"] = relative(stored["manifest"])
+    for name in SPLIT_PARTS:
+        stored[name] = [{**item, "path": relative(item["path"])} for item in record[name]]
+    return stored
+
+
+def split_from_disk(stored: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """A ``split.json`` record with its relative paths resolved against ``folder`` (absolute
+    paths, as older runs stored them, are kept)."""
+    base = Path(folder).resolve()
+
+    def absolute(path: str) -> str:
+        return str((base / path).resolve())
+
+    record = dict(stored)
+    if isinstance(record.get("manifest"), str):
+        record["manifest"] = absolute(record["manifest"])
+    for name in SPLIT_PARTS:
+        if isinstance(record.get(name), list):
+            record[name] = [
+                {**item, "path": absolute(item["path"])}
+                if isinstance(item, dict) and isinstance(item.get("path"), str) else item
+                for item in record[name]
+            ]
+    return record

@@ -1,7 +1,10 @@
 """Synthetic T1 cohorts with a known morphological effect and its ground truth.
 
-Every subject is the MNI152 T1 template that ships with nilearn (brain-masked, no
-download), resampled to a small grid, then:
+Every subject is one anatomy, resampled to a small grid: by default (``anatomy="mni152"``)
+the smooth MNI152 T1 template that ships with nilearn (brain-masked, no download); with
+``anatomy="colin27"`` a real individual's brain, the skull-stripped Colin27 T1 of Debian's
+``mricron-data`` (see :mod:`counterwarp.data.anatomy`). Both are in MNI space; the grid and
+the effect regions (MNI mm) are the same for either. Then:
 
 1. diseased subjects only: the *disease effect*, a diffeomorphic deformation built from an
    :class:`EffectSpec` (by default: lateral ventricles grow, hippocampi shrink), scaled by
@@ -55,8 +58,8 @@ into ``out`` is never replaced without ``overwrite=True``):
   1-based) and ``truth/effect_regions.csv`` (``label,name,log_volume_change,
   mean_true_log_volume_change``: the spec's nominal value at unit severity and effect, and
   the mean of the template-space truth map inside the region).
-- ``truth/brain_mask.nii.gz``: the template brain mask on the grid (uint8).
-- ``cohort.json``: every parameter, the spec, grid spacing and affine.
+- ``truth/brain_mask.nii.gz``: the anatomy's brain mask on the grid (uint8).
+- ``cohort.json``: every parameter (``anatomy`` included), the spec, grid spacing and affine.
 """
 
 from __future__ import annotations
@@ -77,6 +80,13 @@ from counterwarp._io import (
     write_json_atomic,
     write_text_atomic,
     writing_folder,
+)
+from counterwarp._io.provenance import PROVENANCE_NAME, record
+from counterwarp.data.anatomy import (
+    DEFAULT_ANATOMY,
+    anatomy_arrays,
+    anatomy_description,
+    check_anatomy,
 )
 from counterwarp.data.effects import (
     SCALING_SQUARING_STEPS,
@@ -209,6 +219,7 @@ def synth(
     effect_spec: EffectSpec | Mapping[str, Any] | str | os.PathLike[str] | None = None,
     progress: bool = True,
     overwrite: bool = False,
+    anatomy: str = DEFAULT_ANATOMY,
 ) -> Path:
     """Generate a synthetic cohort with ground-truth volume change; return the manifest path.
 
@@ -227,6 +238,9 @@ def synth(
         progress: show a tqdm progress bar.
         overwrite: replace files in ``out`` that no counterwarp command wrote there
             (without it such a file is refused, and ``out`` is left as it was).
+        anatomy: ``"mni152"`` (the nilearn MNI152 template, the default) or ``"colin27"``
+            (the Colin27 skull-stripped T1: ``ch2bet.nii.gz`` in ``$COUNTERWARP_MRICRON_DIR``
+            or ``/usr/share/mricron/templates``, from ``apt-get install mricron-data``).
 
     Returns:
         Path of ``out/manifest.csv``. See the module docstring for every file written.
@@ -239,24 +253,27 @@ def synth(
     n, fraction, strength, seed = _check_arguments(n, diseased_fraction, effect, seed)
     spec = load_effect_spec(effect_spec)
     grid = make_grid(shape, dim)
+    arrays = anatomy_arrays(check_anatomy(anatomy))  # a missing file fails before writing
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise CounterwarpError(f"output {out} exists and is not a folder; choose another --out")
     with writing_folder(out, "a cohort", overwrite=overwrite,
                         hint="move it away, choose another --out, or pass --overwrite"):
-        return _write_cohort(out, n, fraction, strength, seed, spec, grid, progress)
+        template = Template(grid, arrays)
+        return _write_cohort(
+            out, n, fraction, strength, seed, spec, grid, progress, template, anatomy
+        )
 
 
 def _write_cohort(
     out: Path, n: int, fraction: float, strength: float, seed: int, spec: EffectSpec,
-    grid: SyntheticGrid, progress: bool,
+    grid: SyntheticGrid, progress: bool, template: Template, anatomy: str,
 ) -> Path:
     """The body of :func:`synth` (arguments checked), run while holding ``out``'s lock."""
     from tqdm.auto import tqdm
 
     from counterwarp import __version__
 
-    template = Template(grid)
     d = grid.dim
     width = max(4, len(str(n)))
 
@@ -335,6 +352,7 @@ def _write_cohort(
         "diseased_fraction": fraction,
         "effect": strength,
         "seed": seed,
+        "anatomy": anatomy,
         "spacing_mm": grid.spacing_mm,
         "affine": grid.affine.tolist(),
         "coronal_slice_y_mm": CORONAL_SLICE_Y_MM if d == 2 else None,
@@ -354,12 +372,13 @@ def _write_cohort(
             "noise_sd": NOISE_SD,
             "taper_outer": TAPER_OUTER,
             "scaling_squaring_steps": SCALING_SQUARING_STEPS,
-            "template": "MNI152 T1 2 mm (nilearn), brain-masked",
+            "template": anatomy_description(anatomy),
         },
         "truth": "log volume change of the anatomy (natural log, growth positive) caused by "
         "the disease effect, in each subject's image space; age effect excluded",
     }
     write_json_atomic(out / COHORT_NAME, cohort)
+    write_json_atomic(out / PROVENANCE_NAME, record(seed=seed, anatomy=anatomy))
     manifest = io.StringIO()
     writer = csv.writer(manifest, lineterminator="\n")
     writer.writerow(["path", "label", "subject", "severity", "age"])

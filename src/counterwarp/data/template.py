@@ -167,10 +167,25 @@ def sample_at(
 
 
 class Template:
-    """The MNI152 template prepared for sampling at a grid's resolution."""
+    """An anatomy (by default the MNI152 template) prepared for sampling at a grid's
+    resolution.
 
-    def __init__(self, grid: SyntheticGrid) -> None:
-        data, mask, affine = mni_arrays()
+    Args:
+        grid: the cohort grid (voxel -> MNI mm).
+        arrays: ``(data, mask, affine)``: ``(X, Y, Z)`` T1 intensity, ``(X, Y, Z)`` brain
+            mask (0/1) and the ``(4, 4)`` voxel -> MNI mm affine of the anatomy (see
+            :func:`counterwarp.data.anatomy.anatomy_arrays`); None for :func:`mni_arrays`.
+
+    Both are smoothed (mask-normalised) against aliasing when the grid is coarser than the
+    anatomy's voxels, and sampled in world (MNI mm) coordinates.
+    """
+
+    def __init__(
+        self,
+        grid: SyntheticGrid,
+        arrays: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+    ) -> None:
+        data, mask, affine = mni_arrays() if arrays is None else arrays
         source_voxel = float(np.max(np.abs(np.diag(affine[:3, :3]))))
         sigma = max(0.0, (grid.spacing_mm / source_voxel - 1.0) / 2.0)  # anti-aliasing
         if sigma > 0:

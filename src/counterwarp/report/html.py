@@ -88,8 +88,8 @@ class ReportInputs:
             a missing role or file leaves its part of the page out.
         group_errors: direction -> why its group maps could not be made.
         subjects: the held-out ``split.json`` items to show.
-        explain_dir, saliency_dir: folders with their panels (``<id>_<direction>.png``,
-            ``summary.csv``; ``<id>_saliency.png``).
+        explain_dir, saliency_dir: folders with their panels
+            (``<id>_desc-<direction>_panel.png``, ``summary.csv``; ``<id>_saliency.png``).
         explain_made, saliency_made: True when those were made for this page.
         saliency_error: why the saliency maps could not be made.
         saliency_methods: the methods used when they were made for this page.
@@ -275,6 +275,7 @@ def _number(text: str) -> Any:
 
 
 def _subjects_section(ctx: ReportInputs) -> str:
+    from counterwarp.data.derivatives import derivative_id, output_name
     from counterwarp.data.manifest import image_id
 
     chosen = ctx.subjects
@@ -300,12 +301,13 @@ def _subjects_section(ctx: ReportInputs) -> str:
         "beside them.</p>"
     )
     for item, id_ in zip(chosen, ids, strict=True):
+        prefix = derivative_id(id_)  # the id of explain's outputs and summary rows
         label = "diseased" if int(item.get("label", 0)) == 1 else "healthy"
         parts.append(f'<div class="subject"><h3>{_e(id_)} <span class="muted">(label: '
                      f"{_e(label)})</span></h3>")
         rows = []
         for direction in ("remove", "inject"):
-            row = summary.get((id_, direction))
+            row = summary.get((prefix, direction))
             if row:
                 rows.append([direction, _number(row.get("logit_before", "")),
                              _number(row.get("logit_after", "")),
@@ -317,7 +319,7 @@ def _subjects_section(ctx: ReportInputs) -> str:
         figures = []
         if explain_dir is not None:
             for direction in ("remove", "inject"):
-                path = explain_dir / f"{id_}_{direction}.png"
+                path = explain_dir / output_name(prefix, direction, "panel")
                 if path.is_file():
                     figures.append(_image_file(path, f"{id_} {direction}",
                                                DIRECTION_WORDS[direction]))
@@ -326,7 +328,7 @@ def _subjects_section(ctx: ReportInputs) -> str:
                                        f"{id_} saliency", "saliency baselines"))
         if explain_dir is not None:
             for direction in ("remove", "inject"):
-                gif = explain_dir / f"{id_}_{direction}_progression.gif"
+                gif = explain_dir / output_name(prefix, direction, "progression")
                 if gif.is_file():
                     figures.append(_image_file(gif, f"{id_} {direction} progression",
                                                f"progression, {direction}"))

@@ -66,6 +66,12 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from counterwarp import __version__, distributed, global_batchnorm
 from counterwarp._io import folder_lock, write_json_atomic, write_text_atomic
+from counterwarp._io.provenance import (
+    PROVENANCE_NAME,
+    merged_record,
+    relative_to,
+    staged_digests,
+)
 from counterwarp.data.manifest import (
     SPLIT_PARTS,
     ManifestDataset,
@@ -73,7 +79,7 @@ from counterwarp.data.manifest import (
     resolve_manifest_path,
 )
 from counterwarp.data.preprocess import PREPROCESSING_INFO
-from counterwarp.data.split import split_by_subject, split_record
+from counterwarp.data.split import split_by_subject, split_on_disk, split_record
 from counterwarp.errors import CounterwarpError
 from counterwarp.nn.classifier import CLASSIFIER_NAME, Classifier, save_classifier
 from counterwarp.train.augment import augment_batch, augmentation_settings
@@ -276,7 +282,7 @@ def train_classifier(
                               negative_labels)
         if group.is_main:
             with disk_errors(out / SPLIT_NAME, note):
-                write_json_atomic(staging / SPLIT_NAME, record)
+                write_json_atomic(staging / SPLIT_NAME, split_on_disk(record, out))
         parts = {name: Subset(dataset, split[name]) for name in SPLIT_PARTS}
         labels = {name: dataset.labels[split[name]] for name in SPLIT_PARTS}
 
@@ -404,8 +410,9 @@ def train_classifier(
                         "input_shape": list(dataset.spatial_shape),
                         "dim": dataset.dim,
                         "preprocessing": dict(PREPROCESSING_INFO),
+                        "orientation": dataset.preprocessing.orientation,
                         "positive_label": positive_label,
-                        "manifest": str(manifest_path),
+                        "manifest": relative_to(manifest_path, out),
                         "seed": seed,
                         "training": training_settings,
                         "best_epoch": best_epoch,
@@ -417,7 +424,11 @@ def train_classifier(
                 )
             with disk_errors(out / CLASSIFIER_METRICS_NAME, note):
                 write_json_atomic(staging / CLASSIFIER_METRICS_NAME, metrics)
+                digests = staged_digests(staging.folder, manifest_path,
+                                         (CLASSIFIER_NAME, SPLIT_NAME))
+                write_json_atomic(staging / PROVENANCE_NAME, merged_record(
+                    out, "train-classifier", {"seed": seed, **digests}, drop=("fit",)))
             staging.commit([SPLIT_NAME, CLASSIFIER_LOG_NAME, CLASSIFIER_METRICS_NAME,
-                            CLASSIFIER_NAME])
+                            CLASSIFIER_NAME, PROVENANCE_NAME])
         return metrics
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import json
 import os
 import shutil
@@ -30,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from counterwarp._io import atomic_path, write_text_atomic
+from counterwarp._io.folders import claim_files
+from counterwarp._io.provenance import file_digest
 from counterwarp.errors import CounterwarpError
 
 __all__ = [
@@ -53,15 +54,6 @@ COMMIT_NAME = "commit.json"
 
 #: errno values that mean "the disk (or the quota) is full".
 _NO_SPACE = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EFBIG}
-
-
-def file_digest(path: str | os.PathLike[str]) -> str:
-    """sha256 of the bytes of the file at ``path``, as 64 hex digits."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def save_torch_file(path: str | os.PathLike[str], payload: dict[str, Any]) -> Path:
@@ -114,6 +106,7 @@ class Staging:
         """Move the staged files ``names`` (those that exist) into the run, then remove the
         staging folder; returns the run's paths that were replaced."""
         present = [name for name in names if (self.folder / name).is_file()]
+        claim_files(self.run, present)  # counterwarp's own: later commands may replace them
         with disk_errors(self.folder / COMMIT_NAME, "nothing was swapped in"):
             write_text_atomic(self.folder / COMMIT_NAME, json.dumps(present))
         return self._finish(present)

@@ -47,6 +47,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from counterwarp._io import json_safe, write_json_atomic, write_text_atomic, writing_folder
+from counterwarp._io.provenance import PROVENANCE_NAME, record, relative_to
 from counterwarp.data.manifest import MANIFEST_NAME
 from counterwarp.data.truth import check_cohort, load_cohort_truth
 from counterwarp.errors import CounterwarpError
@@ -64,7 +65,7 @@ from counterwarp.stats.benchmark_scores import (
 from counterwarp.stats.benchmark_scores import format_number as _fmt
 from counterwarp.stats.benchmark_scores import markdown_cell as _md
 from counterwarp.workflows.classifier import CONTRACT_NAME
-from counterwarp.workflows.folder import CLASSIFIER_NAME, SIMULATOR_NAME
+from counterwarp.workflows.folder import CLASSIFIER_NAME, SIMULATOR_NAME, run_digests
 
 __all__ = ["methods_figure", "run_benchmark"]
 
@@ -429,7 +430,10 @@ def _benchmark_into(data: Path, run: Path, out: Path, chosen: list[str], occlusi
         "classifier_region_sensitivity": json_safe(sensitivity),
         "figure_subject": shown_id,
         "unsigned_note": UNSIGNED_NOTE,
-        "outputs": {name: str(out / name) for name in RESULT_NAMES},
+        "outputs": list(RESULT_NAMES),
     }
     write_json_atomic(out / RESULTS_JSON, result)
+    write_json_atomic(out / PROVENANCE_NAME, record(
+        run=relative_to(run, out), data=relative_to(data, out), methods=list(chosen),
+        seed=seed, **run_digests(run)))
     return result

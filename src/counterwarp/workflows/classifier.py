@@ -178,6 +178,12 @@ def classifier_digest(run: Path) -> str:
     return file_digest(record if record.is_file() else run / CLASSIFIER_NAME)
 
 
+def used_classifier_digest(run: Path, source: ClassifierSource | None) -> str:
+    """The sha256 of the classifier a command used: ``--classifier``'s model file when
+    given, else the run's own (:func:`classifier_digest`)."""
+    return source.file_sha256 if source is not None else classifier_digest(Path(run))
+
+
 def record_digest(source: ClassifierSource) -> str:
     """The sha256 ``RUN/classifier.json`` will have once :func:`stage_source` wrote it."""
     text = json.dumps(source.record(), indent=2, sort_keys=False) + "\n"

@@ -10,15 +10,33 @@ import csv
 import io
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from counterwarp._io import ForeignFileError, shard_tag, write_text_atomic, writing_folder
-from counterwarp.data.manifest import image_id
-from counterwarp.data.preprocess import resolve_image_path, save_on_input_grid
+from counterwarp import __version__
+from counterwarp._io import (
+    ForeignFileError,
+    save_nifti_atomic,
+    shard_tag,
+    write_json_atomic,
+    write_text_atomic,
+    writing_folder,
+)
+from counterwarp.data.derivatives import (
+    DATASET_DESCRIPTION_NAME,
+    dataset_description,
+    output_name,
+    unique_output_ids,
+)
+from counterwarp.data.preprocess import (
+    LoadedVolume,
+    read_input_voxels,
+    resolve_image_path,
+    restore_to_input,
+)
 from counterwarp.data.stream import (
     Shard,
     check_headers,
@@ -31,6 +49,13 @@ from counterwarp.data.stream import (
 )
 from counterwarp.errors import CounterwarpError
 from counterwarp.explain.simulator import Explanation
+from counterwarp.geometry.itk_field import (
+    itk_field_image,
+    pull_back_linear,
+    ras_to_lps,
+    voxel_offsets,
+    world_displacement,
+)
 from counterwarp.report.figures import explanation_panel
 from counterwarp.workflows.classifier import ClassifierSource
 from counterwarp.workflows.folder import (
@@ -40,6 +65,9 @@ from counterwarp.workflows.folder import (
     model_shape,
     rows_in_split,
 )
+
+if TYPE_CHECKING:
+    import nibabel as nib
 
 SUMMARY_COLUMNS = (
     "id", "path", "label", "direction", "logit_before", "logit_after", "probability_before",
@@ -54,39 +82,38 @@ class ExplainInput:
 
     path: Path
     label: int | None
+    native: tuple[Path, Path] | None = None  # (native scan, .tfm) of a prepared image
 
 
 def explain_inputs(
     run: Path, manifest: str | Path | None, split: str, images: list[str | Path] | None,
-    positive_label: str | None,
+    positive_label: str | None, native: bool = False,
 ) -> list[ExplainInput]:
+    """The images to explain; with ``native``, each with the native scan and transform its
+    prepared manifest row names (:func:`~counterwarp.workflows.native.native_pair`)."""
+    from counterwarp.data.manifest import resolve_manifest_path
+    from counterwarp.workflows.native import native_pair
+
     if manifest is not None and images:
         raise CounterwarpError("give either --manifest or image files, not both")
+    if native and manifest is None:
+        raise CounterwarpError("--native needs --manifest: the manifest.csv that "
+                               "`counterwarp prepare` wrote")
     if manifest is not None:
         rows = rows_in_split(run, manifest, split, positive_label=positive_label)
-        return [ExplainInput(row.path, row.label) for row in rows]
+        folder = resolve_manifest_path(manifest).parent
+        return [ExplainInput(row.path, row.label, native_pair(
+            row.extras, folder, f"{manifest} line {row.line}") if native else None)
+            for row in rows]
     if not images:
         raise CounterwarpError("nothing to explain: give --manifest M or one or more images")
     return [ExplainInput(resolve_image_path(p), None) for p in images]
 
 
 def unique_ids(inputs: list[ExplainInput]) -> list[str]:
-    """One :func:`image_id` per input, made unique by ``_2``, ``_3`` ... suffixes.
-
-    Unique even when a suffixed id is itself a file name (``a``, ``a``, ``a_2``) and when
-    ids differ only in case (outputs may go to a case-insensitive disk).
-    """
-    ids: list[str] = []
-    used: set[str] = set()
-    for item in inputs:
-        base = candidate = image_id(item.path)
-        count = 1
-        while candidate.casefold() in used:
-            count += 1
-            candidate = f"{base}_{count}"
-        used.add(candidate.casefold())
-        ids.append(candidate)
-    return ids
+    """The output ``<id>`` of each input (:func:`~counterwarp.data.derivatives.
+    unique_output_ids`): its image id minus a BIDS suffix, unique (also case-blind)."""
+    return unique_output_ids([item.path for item in inputs])
 
 
 def shard_inputs(
@@ -118,17 +145,24 @@ def explain_run(
     shard: str | Shard | None = None,
     workers: int = 0,
     classifier: ClassifierSource | None = None,
+    native: bool = False,
 ) -> list[dict[str, Any]]:
     """Explain images with the run's simulator; write NIfTI maps, PNG panels, summary.csv.
+
+    ``native`` (``--native``, a manifest written by ``counterwarp prepare``): also write
+    every map in the subject's native scan space (:mod:`counterwarp.workflows.native`).
 
     ``classifier`` (``--classifier``) must be the classifier the run's simulator was
     fitted for; by default the run's own is used.
 
-    Per image and direction: ``<id>_<direction>_simulated.nii.gz``,
-    ``<id>_<direction>_displacement.nii.gz`` (vector image, model voxels, last axis = the
-    spatial dim it moves along), ``<id>_<direction>_log_volume_change.nii.gz``, all on the
-    input's grid with the input's affine, and ``<id>_<direction>.png``. With
-    ``progression=N`` (velocity-field simulators) also ``<id>_<direction>_progression.gif``.
+    Per image and direction (names from :mod:`counterwarp.data.derivatives`), all NIfTI
+    files on the input's grid with the input's affine (see :func:`input_grid_maps`):
+    ``<id>_desc-<direction>_simulated.nii.gz`` (the input warped, its own intensities),
+    ``<id>_desc-<direction>_logjac.nii.gz`` (log volume change, 0 outside the brain),
+    ``<id>_desc-<direction>_xfm.nii.gz`` (ITK / ANTs displacement field, LPS mm) and the
+    figure ``<id>_desc-<direction>_panel.png``; with ``progression=N`` (velocity-field
+    simulators) also ``<id>_desc-<direction>_progression.gif``. ``out``
+    also gets a BIDS ``dataset_description.json``.
 
     Images are read one at a time through a DataLoader (``workers`` background processes
     read ahead; see :mod:`counterwarp.data.stream`). ``shard="i/n"`` explains only inputs
@@ -156,7 +190,7 @@ def explain_run(
         return _explain_into(
             held, run, out, manifest=manifest, split=split, images=images,
             directions=directions, panels=panels, progression=progression, progress=progress,
-            shard=shard, workers=workers, classifier=classifier,
+            shard=shard, workers=workers, classifier=classifier, native=native,
         )
 
 
@@ -168,7 +202,7 @@ def _explain_into(
     transaction: Any, run: Path, out: Path, *, manifest: str | Path | None, split: str,
     images: list[str | Path] | None, directions: tuple[str, ...], panels: bool,
     progression: int, progress: bool, shard: Shard | None, workers: int,
-    classifier: ClassifierSource | None = None,
+    classifier: ClassifierSource | None = None, native: bool = False,
 ) -> list[dict[str, Any]]:
     """The body of :func:`explain_run`, run while holding ``out``'s lock and transaction."""
     from counterwarp.explain.progression import check_progression_supported
@@ -178,7 +212,8 @@ def _explain_into(
     if progression:
         check_progression_supported(simulator, progression)
     shape = model_shape(payload)
-    inputs = explain_inputs(run, manifest, split, images, payload.get("positive_label"))
+    inputs = explain_inputs(run, manifest, split, images, payload.get("positive_label"),
+                            native)
     mine, ids = shard_inputs(inputs, shard, shape)
     table = table_name(EXPLAIN_SUMMARY_NAME, shard)
     summary: list[dict[str, Any]] = []
@@ -187,12 +222,16 @@ def _explain_into(
     try:
         for k, tensor, volume in stream_images([item.path for item in mine], shape, workers,
                                               model_preprocessing(payload)):
-            out.mkdir(parents=True, exist_ok=True)  # once the first image has loaded
+            native = read_input_voxels(volume)  # the file's own voxels, for both directions
+            if not done:  # once the first image has loaded
+                out.mkdir(parents=True, exist_ok=True)
+                write_json_atomic(out / DATASET_DESCRIPTION_NAME,
+                                  dataset_description(__version__))
             for name in directions:
                 explanation = simulator.explain(tensor.unsqueeze(0), name)
                 summary.append(
                     _write_explanation(out, ids[k], mine[k], volume, explanation, panels,
-                                       payload.get("contract"))
+                                       payload.get("contract"), native)
                 )
                 if progression:
                     write_progression(out, ids[k], simulator, tensor, name, progression,
@@ -212,29 +251,35 @@ def _explain_into(
     write_summary_csv(out / table, summary)
     from counterwarp.workflows.folder import write_provenance  # the digests of what was used
 
-    write_provenance(out, simulator)
+    write_provenance(out, simulator, [item.path for item in mine], shard)
     return summary
 
 
 def _write_explanation(
-    out: Path, image_id_: str, item: ExplainInput, volume: Any, explanation: Explanation,
-    panel: bool, contract: dict[str, Any] | None = None,
+    out: Path, image_id_: str, item: ExplainInput, volume: LoadedVolume,
+    explanation: Explanation, panel: bool, contract: dict[str, Any] | None = None,
+    native: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Write one explanation's maps and panel; its row of ``summary.csv``. A regression
-    contract's score is a prediction in its unit: no probability, no flipped prediction."""
+    contract's score is a prediction in its unit: no probability, no flipped prediction.
+    ``native``: the input file's voxels (:func:`read_input_voxels`), if already read."""
     regression = (contract or {}).get("output") == "regression"
     score = "prediction" if regression else "logit"
     unit = f" {contract['unit']}" if regression and contract.get("unit") else ""
-    stem = f"{image_id_}_{explanation.direction}"
-    simulated = explanation.simulated[0, 0].numpy()
+    direction = explanation.direction
     change = explanation.log_volume_change[0].numpy()
-    displacement = np.moveaxis(explanation.displacement[0].numpy(), 0, -1)
-    save_on_input_grid(out / f"{stem}_simulated.nii.gz", simulated, volume)
-    save_on_input_grid(out / f"{stem}_displacement.nii.gz", displacement, volume)
-    save_on_input_grid(out / f"{stem}_log_volume_change.nii.gz", change, volume)
+    maps = input_grid_maps(volume, explanation.displacement[0].numpy(), change, native)
+    for kind, image in (("simulated", maps.simulated), ("logjac", maps.log_volume_change),
+                        ("xfm", maps.field)):
+        save_nifti_atomic(out / output_name(image_id_, direction, kind), image)
+    if item.native is not None:
+        from counterwarp.workflows.native import write_native_outputs
+
+        write_native_outputs(out, image_id_, direction, maps, item.path, *item.native)
     if panel:
         explanation_panel(
-            explanation.image[0, 0].numpy(), simulated, change, out / f"{stem}.png",
+            explanation.image[0, 0].numpy(), explanation.simulated[0, 0].numpy(), change,
+            out / output_name(image_id_, direction, "panel"),
             title=f"{image_id_}: {explanation.direction} "
                   f"({score} {float(explanation.logit_before[0]):+.2f} -> "
                   f"{float(explanation.logit_after[0]):+.2f}{unit})",
@@ -261,6 +306,67 @@ def _write_explanation(
         "mean_abs_log_volume_change": float(np.abs(change[brain]).mean()) if brain.any()
         else 0.0,
     }
+
+
+@dataclass
+class InputGridMaps:
+    """One explanation's NIfTI images on the input file's grid, with the input's affine.
+
+    Attributes:
+        simulated: the input at its own intensities, warped by ``field`` with linear
+            interpolation (exactly ``sitk.Resample(input, DisplacementFieldTransform)``),
+            float32 of the file's shape.
+        log_volume_change: log volume change of the anatomy (growth > 0), 0 outside the
+            brain (the input's non-zero voxels), float32 of the file's shape.
+        field: the pull-back displacement as an ANTs-style warp: LPS mm, intent 1007,
+            ``(X, Y, Z, 1, 3)`` (2D images ``(X, Y, 1, 1, 2)``).
+    """
+
+    simulated: nib.Nifti1Image
+    log_volume_change: nib.Nifti1Image
+    field: nib.Nifti1Image
+
+
+def input_grid_maps(
+    volume: LoadedVolume, displacement: np.ndarray, change: np.ndarray,
+    native: np.ndarray | None = None,
+) -> InputGridMaps:
+    """The simulator's model-grid outputs brought onto the input's grid.
+
+    Args:
+        volume: the :class:`LoadedVolume` the model input came from.
+        displacement: ``(d, *S)`` pull-back displacement in model voxels on the model grid
+            (channel ``i`` along model axis ``i``): ``y(p) = x(p + u(p))``.
+        change: ``(*S)`` log volume change on the model grid.
+        native: ``(*volume.native_shape)`` the input file's voxels as stored
+            (:func:`~counterwarp.data.preprocess.read_input_voxels`); read when None.
+
+    The field is resampled linearly to the input's grid (still in model voxels), turned
+    into world millimetres with the model grid's affine and flipped from RAS to LPS (kept
+    outside the brain too, where it pulls background in as the brain grows); the simulated
+    image is the input pulled back by exactly the float32 vectors written
+    (:func:`~counterwarp.geometry.itk_field.pull_back_linear`).
+    """
+    import nibabel as nib
+
+    if native is None:
+        native = read_input_voxels(volume)  # (*N) the file's own voxels
+    outside = native == 0
+    vectors = restore_to_input(np.moveaxis(np.asarray(displacement), 0, -1), volume)
+    world = world_displacement(vectors.reshape(*native.shape, -1), volume.model_affine)
+    file_dims = len(volume.native_shape)  # ITK reads a 2D field file as 2D, even (X, Y, 1)
+    lps = ras_to_lps(world).astype(np.float32)  # the vectors as written
+    applied = ras_to_lps(lps.astype(np.float64))
+    applied[..., file_dims:] = 0.0  # what ITK reads of a 2D field
+    simulated = pull_back_linear(native, voxel_offsets(applied, volume.affine))
+    restored_change = restore_to_input(change, volume)
+    restored_change[outside.reshape(restored_change.shape)] = 0.0
+    affine = volume.affine
+    return InputGridMaps(
+        simulated=nib.Nifti1Image(simulated.reshape(volume.original_shape), affine),
+        log_volume_change=nib.Nifti1Image(restored_change.astype(np.float32), affine),
+        field=itk_field_image(lps, affine, file_dims),
+    )
 
 
 def write_summary_csv(path: Path, rows: list[dict[str, Any]]) -> Path:

@@ -8,6 +8,14 @@ from typing import Any
 
 from counterwarp import distributed
 from counterwarp._io import folder_lock, remove_stale_temps, write_json_atomic
+from counterwarp._io.provenance import (
+    PROVENANCE_NAME,
+    file_digest,
+    merged_record,
+    relative_to,
+    staged_digests,
+)
+from counterwarp.data.manifest import resolve_manifest_path
 from counterwarp.explain.simulator import Simulator
 from counterwarp.train.common import choose_device
 from counterwarp.train.staging import FIT_STAGING, Staging, disk_errors, recover_run
@@ -31,6 +39,7 @@ from counterwarp.workflows.folder import (
     model_shape,
     rows_in_split,
     select_rows,
+    split_on_disk,
 )
 
 
@@ -102,7 +111,7 @@ def fit_run(
             bindings=bindings, swap_in=False,
         )
         summary = {
-            "manifest": str(Path(manifest).resolve()),
+            "manifest": relative_to(resolve_manifest_path(manifest), run),
             "split": split,
             "n_images": int(images.shape[0]),
             "margin": simulator.margin_,
@@ -129,9 +138,18 @@ def fit_run(
                     brought = stage_source(source, staging.folder)
             if new_split is not None:
                 with disk_errors(run / SPLIT_NAME, note):
-                    write_json_atomic(staging / SPLIT_NAME, new_split)
+                    write_json_atomic(staging / SPLIT_NAME, split_on_disk(new_split, run))
                 brought.append(SPLIT_NAME)
+            split_file = staging / SPLIT_NAME if new_split is not None else run / SPLIT_NAME
+            with disk_errors(run / PROVENANCE_NAME, note):
+                write_json_atomic(staging / PROVENANCE_NAME, merged_record(run, "fit", {
+                    "seed": simulator.config.seed, **bindings,
+                    **staged_digests(staging.folder, resolve_manifest_path(manifest),
+                                     (SIMULATOR_NAME,)),
+                    **({"split_sha256": file_digest(split_file)} if split_file.is_file()
+                       else {}),
+                }))
             staging.commit([*brought, LOG_NAME, CHECKPOINT_NAME, FIT_METRICS_NAME,
-                            SIMULATOR_NAME])
+                            SIMULATOR_NAME, PROVENANCE_NAME])
         group.barrier()
     return summary

@@ -15,6 +15,7 @@ Files written before bindings existed (no such key) are accepted as they are.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ import torch
 from torch import nn
 
 from counterwarp._io import write_json_atomic
+from counterwarp._io.provenance import PROVENANCE_NAME, input_digests, record
 from counterwarp.data.contract import Preprocessing, parse_contract
 from counterwarp.data.manifest import (
     ManifestDataset,
@@ -29,7 +31,8 @@ from counterwarp.data.manifest import (
     read_manifest,
     resolve_manifest_path,
 )
-from counterwarp.data.split import split_by_subject, split_record
+from counterwarp.data.split import split_by_subject, split_from_disk, split_on_disk, split_record
+from counterwarp.data.stream import table_name
 from counterwarp.errors import CounterwarpError
 from counterwarp.explain.simulator import Simulator
 from counterwarp.nn.classifier import CLASSIFIER_NAME, load_classifier
@@ -80,9 +83,11 @@ __all__ = [
     "model_shape",
     "parse_parts",
     "read_split",
+    "split_on_disk",
     "rows_in_split",
     "select_rows",
     "draw_split",
+    "run_digests",
     "write_provenance",
 ]
 
@@ -97,7 +102,6 @@ REPORT_NAME = "report.html"
 EXPLAIN_SUMMARY_NAME = "summary.csv"
 SALIENCY_INDEX_NAME = "saliency_index.csv"
 #: In an ``explain`` output folder: the digests of the simulator, classifier and split used.
-PROVENANCE_NAME = "provenance.json"
 #: Next to a demo's run folder: its summary.
 DEMO_SUMMARY_NAME = "demo_summary.json"
 # Output folders the commands use by default, inside or beside a run folder.
@@ -107,8 +111,17 @@ SALIENCY_FOLDER = "saliency"
 BENCHMARK_FOLDER = "benchmark"
 
 
+def recorded_manifest(run: Path, payload: dict[str, Any]) -> str:
+    """The manifest a checkpoint of ``run`` records (stored relative to the run folder), as
+    a path to type from here; ``M`` when it records none."""
+    manifest = payload.get("manifest")
+    if not isinstance(manifest, str):
+        return "M"
+    return str((Path(run) / manifest).resolve())
+
+
 def _rerun_training(run: Path, payload: dict[str, Any]) -> str:
-    manifest = payload.get("manifest") if isinstance(payload.get("manifest"), str) else "M"
+    manifest = recorded_manifest(run, payload)
     return f"`counterwarp train-classifier --manifest {manifest} --out {run} --overwrite`"
 
 
@@ -151,10 +164,11 @@ def model_shape(payload: dict[str, Any]) -> tuple[int, ...]:
 
 def model_preprocessing(payload: dict[str, Any]) -> Preprocessing:
     """Orientation and intensity normalisation the run's classifier expects (its contract;
-    counterwarp's own classifier: as stored, z-scored over the brain)."""
+    counterwarp's own classifier: the orientation it records (RAS for 3D), z-scored over the
+    brain)."""
     contract = payload.get("contract")
     if contract is None:
-        return Preprocessing()
+        return Preprocessing(orientation=payload.get("orientation"))
     return parse_contract(contract).preprocessing
 
 
@@ -181,7 +195,7 @@ def read_split(run: str | Path) -> dict[str, Any]:
                 f"{path}: the {part!r} part is missing or malformed (a list of objects with a "
                 f"'path' is expected); retrain the classifier to rewrite it"
             )
-    return split
+    return split_from_disk(split, Path(run))
 
 
 def parse_parts(parts: str) -> tuple[str, ...]:
@@ -278,7 +292,7 @@ def load_run_simulator(
     classifier_sha256 = classifier_digest(run)
     recorded = simulator.provenance_.get("classifier_sha256")
     if recorded is not None and recorded != classifier_sha256:
-        manifest = payload.get("manifest") if isinstance(payload.get("manifest"), str) else "M"
+        manifest = recorded_manifest(run, payload)
         brought = (run / CONTRACT_NAME).is_file()
         raise CounterwarpError(
             f"{simulator_path} was fitted for another "
@@ -296,27 +310,53 @@ def load_run_simulator(
     return simulator, payload
 
 
-def write_provenance(out: str | Path, simulator: Simulator) -> Path:
-    """Write ``out/provenance.json``: the run and the digests of the simulator, classifier
-    and split files a simulator from :func:`load_run_simulator` was loaded from."""
-    return write_json_atomic(Path(out) / PROVENANCE_NAME, dict(simulator.provenance_))
+def run_digests(run: str | Path) -> dict[str, str]:
+    """``{"simulator_sha256", "split_sha256", "classifier_sha256"}`` of a run folder (those
+    present), for the ``provenance.json`` of a folder made from it."""
+    run = Path(run)
+    digests = {f"{name.split('.')[0]}_sha256": file_digest(run / name)
+               for name in (SIMULATOR_NAME, SPLIT_NAME) if (run / name).is_file()}
+    if (run / CONTRACT_NAME).is_file() or (run / CLASSIFIER_NAME).is_file():
+        digests["classifier_sha256"] = classifier_digest(run)
+    return digests
+
+
+def write_provenance(
+    out: str | Path, simulator: Simulator, inputs: list[Path] | None = None,
+    shard: tuple[int, int] | None = None,
+) -> Path:
+    """Write ``out/provenance.json`` (a shard ``provenance.shard-i-of-n.json``): the run
+    (relative to ``out``), the digests of the simulator, classifier and split files a
+    simulator from :func:`load_run_simulator` was loaded from and of the ``inputs``
+    explained, and the environment (see :mod:`counterwarp._io.provenance`)."""
+    out = Path(out)
+    fields = dict(simulator.provenance_)
+    if "run" in fields:
+        fields["run"] = Path(os.path.relpath(fields["run"], out.resolve())).as_posix()
+    if inputs is not None:
+        fields["inputs_sha256"] = input_digests(inputs, out)
+    return write_json_atomic(out / table_name(PROVENANCE_NAME, shard), record(**fields))
 
 
 def check_provenance(out: str | Path, run: str | Path) -> None:
     """Refuse outputs in ``out`` that another simulator made than ``run``'s current one.
 
-    Output folders without ``provenance.json`` (written before bindings existed) pass.
+    Output folders without ``provenance.json`` (written before bindings existed) pass; the
+    shards' records (``provenance.shard-i-of-n.json``) are checked too.
     """
     out, run = Path(out), Path(run)
-    path = out / PROVENANCE_NAME
-    if not path.is_file():
-        return
+    for path in sorted(out.glob("provenance*.json")):
+        _check_one_provenance(path, out, run)
+
+
+def _check_one_provenance(path: Path, out: Path, run: Path) -> None:
     try:
         recorded = json.loads(path.read_text(encoding="utf-8")).get("simulator_sha256")
     except (OSError, json.JSONDecodeError, AttributeError) as error:
         raise CounterwarpError(f"{path}: unreadable provenance record ({error})") from None
     simulator_path = run / SIMULATOR_NAME
-    if simulator_path.is_file() and recorded != file_digest(simulator_path):
+    if recorded is not None and simulator_path.is_file() and recorded != file_digest(
+            simulator_path):
         raise CounterwarpError(
             f"{out} was made by another {simulator_path} (refitted since); rerun `counterwarp "
             f"explain --run {run} --out {out}`"

@@ -38,6 +38,7 @@ from counterwarp._io import (
     write_text_atomic,
     writing_folder,
 )
+from counterwarp._io.provenance import PROVENANCE_NAME, merged_record, relative_to
 from counterwarp.data.maps import (
     AFFINE_TOLERANCE_MM,
     load_atlas,
@@ -385,5 +386,14 @@ def _group_into(
         files["figure_mean"], files["figure_fdr"] = (str(p) for p in pngs)
     write_text_atomic(Path(f"{prefix}_README.txt"), _readme(direction, summary))
     files["readme"] = f"{prefix}_README.txt"
+    files.update({key: Path(value).name for key, value in files.items()})  # relative to out
     write_json_atomic(Path(f"{prefix}_summary.json"), json_safe(summary))
+    from counterwarp.workflows.folder import run_digests
+
+    inputs = {"run": relative_to(run, out)} if run is not None else {
+        "maps": relative_to(maps_dir, out)}
+    write_json_atomic(out / PROVENANCE_NAME, merged_record(out, f"group {direction}", {
+        **inputs, "q": q, "subjects": subset, "n_maps": int(maps.shape[0]),
+        **(run_digests(run) if run is not None else {}),
+    }))
     return summary

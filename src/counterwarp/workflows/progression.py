@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from counterwarp.data.derivatives import output_name
 from counterwarp.errors import CounterwarpError
 from counterwarp.explain.progression import progression_frames
 from counterwarp.explain.simulator import Simulator
@@ -59,7 +60,8 @@ def write_progression(
     linear_displacement: bool = False,
     affine: np.ndarray | None = None,
 ) -> Path:
-    """Frames of one image and direction, written as ``OUT/<id>_<direction>_progression.gif``.
+    """Frames of one image and direction, written as
+    ``OUT/<id>_desc-<direction>_progression.gif`` (:mod:`counterwarp.data.derivatives`).
 
     Args:
         out: output folder.
@@ -81,6 +83,6 @@ def write_progression(
     )
     how = "x o exp(t v)" if net.field == "velocity" else "linear path x o (Id + t u)"
     return write_progression_gif(
-        Path(out) / f"{image_id}_{direction}_progression.gif", frames, changes,
+        Path(out) / output_name(image_id, direction, "progression"), frames, changes,
         affine=affine, title=f"{image_id}: {direction} ({how})",
     )

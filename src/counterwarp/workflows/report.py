@@ -18,7 +18,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from counterwarp._io import writing_folder
+from counterwarp._io import write_json_atomic, writing_folder
+from counterwarp._io.provenance import PROVENANCE_NAME, merged_record, relative_to
+from counterwarp.data.derivatives import derivative_id, output_name
 from counterwarp.data.manifest import image_id
 from counterwarp.data.truth import REGIONS_NAME, REGIONS_TABLE_NAME, TRUTH_DIR
 from counterwarp.errors import CounterwarpError
@@ -41,6 +43,8 @@ from counterwarp.workflows.folder import (
     SIMULATOR_NAME,
     SPLIT_NAME,
     check_provenance,
+    read_split,
+    run_digests,
 )
 from counterwarp.workflows.saliency import hookable_methods
 
@@ -113,7 +117,8 @@ def _gather_subjects(
     ids = [image_id(path) for path in paths]
 
     def has_panels(folder: Path) -> bool:
-        return all((folder / f"{i}_{d}.png").is_file() for i in ids for d in PANEL_DIRECTIONS)
+        return all((folder / output_name(derivative_id(i), d, "panel")).is_file()
+                   for i in ids for d in PANEL_DIRECTIONS)
 
     inputs.explain_dir = _find_folder(
         options["explain_dir"], [run.parent / EXPLAIN_FOLDER, run / EXPLAIN_FOLDER], has_panels
@@ -223,8 +228,12 @@ def report_run(
     if target.is_dir():
         raise CounterwarpError(f"--out {target} is a folder; give the HTML file to write")
     with writing_folder(target.parent, "a report", hint="move it away, or choose another --out"):
-        return _report_into(run, target, explain_dir, saliency_dir, group_dir, benchmark,
-                            n_subjects, compute, progress)
+        written = _report_into(run, target, explain_dir, saliency_dir, group_dir, benchmark,
+                               n_subjects, compute, progress)
+        write_json_atomic(target.parent / PROVENANCE_NAME, merged_record(
+            target.parent, "report", {"run": relative_to(run, target.parent),
+                                      "report": target.name, **run_digests(run)}))
+        return written
 
 
 def _check_given_inputs(
@@ -257,6 +266,17 @@ def _check_given_inputs(
         )
 
 
+def _split_or_none(run: Path) -> dict[str, Any] | None:
+    """The run's split with its paths resolved, or None when it has none (or an unreadable
+    one: the report then says the classifier is not trained yet)."""
+    if read_json(run / SPLIT_NAME) is None:
+        return None
+    try:
+        return read_split(run)
+    except CounterwarpError:
+        return None
+
+
 def _report_into(
     run: Path, target: Path, explain_dir: str | Path | None, saliency_dir: str | Path | None,
     group_dir: str | Path | None, benchmark: str | Path | None, n_subjects: int,
@@ -266,7 +286,7 @@ def _report_into(
     inputs = ReportInputs(
         run=run,
         group_dir=Path(group_dir or run / GROUP_FOLDER),
-        split=read_json(run / SPLIT_NAME),
+        split=_split_or_none(run),
         has_classifier=(run / CLASSIFIER_NAME).is_file() or (run / CONTRACT_NAME).is_file(),
         has_simulator=(run / SIMULATOR_NAME).is_file(),
         files={

@@ -30,7 +30,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from counterwarp._io import shard_tag, write_text_atomic, writing_folder
+from counterwarp._io import shard_tag, write_json_atomic, write_text_atomic, writing_folder
+from counterwarp._io.provenance import PROVENANCE_NAME, input_digests, record, relative_to
 from counterwarp.data.preprocess import save_on_input_grid
 from counterwarp.data.stream import (
     Shard,
@@ -45,7 +46,7 @@ from counterwarp.explain.saliency import SALIENCY_METHODS, saliency_map
 from counterwarp.nn.classifier import last_conv_layer
 from counterwarp.report.figures import saliency_panel
 from counterwarp.train.common import choose_device
-from counterwarp.workflows.classifier import ClassifierSource
+from counterwarp.workflows.classifier import ClassifierSource, used_classifier_digest
 from counterwarp.workflows.explain import FOREIGN_HINT, explain_inputs, shard_inputs
 from counterwarp.workflows.folder import SALIENCY_INDEX_NAME as INDEX_NAME
 from counterwarp.workflows.folder import load_run_classifier, model_preprocessing, model_shape
@@ -263,8 +264,8 @@ def _saliency_into(
                         "path": str(item.path),
                         "label": "" if item.label is None else item.label,
                         "method": method,
-                        "file": str(file.resolve()),
-                        "panel": str(panel.resolve()),
+                        "file": file.name,
+                        "panel": panel.name,
                     }
                 )
             saliency_panel(tensor[0].numpy(), maps, panel, title=f"{id_}: saliency of the logit",
@@ -276,6 +277,10 @@ def _saliency_into(
         raise
     bar.close()
     write_index_csv(out / table, rows)
+    write_json_atomic(out / table_name(PROVENANCE_NAME, shard), record(
+        run=relative_to(run, out), classifier_sha256=used_classifier_digest(run, classifier),
+        methods=list(chosen), inputs_sha256=input_digests([item.path for item in mine], out),
+    ))
     return rows
 
 

@@ -1,0 +1,105 @@
+"""counterwarp's own classifier sees every 3D image in RAS: the same anatomy stored in RAS,
+LAS or PIR (same world coordinates) gets the same logit, and its maps land on the same
+world voxels, written on each file's own grid."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from nibabel import orientations
+
+from counterwarp.cli import main
+from counterwarp.workflows.folder import load_run_classifier, model_preprocessing
+
+#: A non-trivial, non-RAS-symmetric affine: 2 mm voxels, shifted origin.
+AFFINE = np.array([[2.0, 0, 0, -15], [0, 2.0, 0, -17], [0, 0, 2.0, -13], [0, 0, 0, 1]])
+
+
+def _stored_as(image: nib.Nifti1Image, codes: str) -> nib.Nifti1Image:
+    """The same anatomy (same world coordinates) with its array in orientation ``codes``."""
+    transform = orientations.ornt_transform(
+        orientations.io_orientation(image.affine), orientations.axcodes2ornt(tuple(codes))
+    )
+    data = orientations.apply_orientation(np.asarray(image.dataobj), transform)
+    affine = image.affine @ orientations.inv_ornt_aff(transform, image.shape)
+    return nib.Nifti1Image(np.ascontiguousarray(data), affine)
+
+
+def _logit(out: Path) -> float:
+    with (out / "summary.csv").open(encoding="utf-8") as handle:
+        return float(next(csv.DictReader(handle))["logit_before"])
+
+
+def _change_map(out: Path) -> Path:
+    """The log volume change map the explain folder holds (one image, one direction)."""
+    found = [p for p in out.glob("*.nii.gz") if "logjac" in p.name or "log_volume" in p.name]
+    assert len(found) == 1, sorted(p.name for p in out.iterdir())
+    return found[0]
+
+
+@pytest.fixture(scope="module")
+def fitted_run(tmp_path_factory) -> tuple[Path, Path]:
+    from conftest import toy_brain
+
+    root = tmp_path_factory.mktemp("canonical")
+    rng = np.random.default_rng(0)
+    lines = ["path,label,subject"]
+    for i in range(16):
+        label = i % 2
+        name = f"sub-{i:03d}.nii.gz"
+        nib.save(nib.Nifti1Image(toy_brain((16, 16, 16), label, rng), AFFINE), root / name)
+        lines.append(f"{name},{label},sub-{i:03d}")
+    (root / "manifest.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    run = root / "run"
+    assert main(["train-classifier", "--manifest", str(root / "manifest.csv"), "--out",
+                 str(run), "--epochs", "2", "--batch-size", "4"]) == 0
+    assert main(["fit", "--manifest", str(root / "manifest.csv"), "--run", str(run),
+                 "--steps", "3", "--batch-size", "2"]) == 0
+    return root, run
+
+
+def test_the_own_classifier_records_ras(fitted_run):
+    _, run = fitted_run
+    _, payload = load_run_classifier(run)
+    assert payload["orientation"] == "RAS"
+    assert model_preprocessing(payload).orientation == "RAS"
+
+
+def test_same_anatomy_in_three_orientations_same_logit_same_world_map(fitted_run, tmp_path):
+    root, run = fitted_run
+    image = nib.load(root / "sub-001.nii.gz")
+    data = image.get_fdata(dtype=np.float32)
+    data[2:6, 5:9, 4:8] += 60.0  # a bright blob on one side only: a mirror would move it
+    asymmetric = nib.Nifti1Image(data, image.affine)
+    logits, maps = {}, {}
+    for codes in ("RAS", "LAS", "PIR"):
+        file = tmp_path / f"anatomy_{codes}.nii.gz"
+        stored = _stored_as(asymmetric, codes)
+        nib.save(stored, file)
+        assert nib.aff2axcodes(nib.load(file).affine) == tuple(codes)
+        out = tmp_path / f"explain_{codes}"
+        assert main(["explain", "--run", str(run), "--direction", "inject", "--out", str(out),
+                     str(file)]) == 0
+        logits[codes] = _logit(out)
+        written = nib.load(_change_map(out))
+        assert written.shape == stored.shape
+        assert np.allclose(written.affine, stored.affine)
+        maps[codes] = nib.as_closest_canonical(written)  # the same world grid for all
+    assert logits["LAS"] == pytest.approx(logits["RAS"], abs=1e-4)
+    assert logits["PIR"] == pytest.approx(logits["RAS"], abs=1e-4)
+    reference = maps["RAS"].get_fdata()
+    assert np.abs(reference).max() > 0  # the map is not empty, so the match means something
+    for codes in ("LAS", "PIR"):
+        assert np.allclose(maps[codes].affine, maps["RAS"].affine)
+        assert np.allclose(maps[codes].get_fdata(), reference, atol=1e-4)
+    # a mirrored array with the RAS affine is another anatomy: the logit must change
+    mirrored = nib.Nifti1Image(np.ascontiguousarray(data[::-1]), image.affine)
+    nib.save(mirrored, tmp_path / "mirrored.nii.gz")
+    out = tmp_path / "explain_mirrored"
+    assert main(["explain", "--run", str(run), "--direction", "inject", "--out", str(out),
+                 str(tmp_path / "mirrored.nii.gz")]) == 0
+    assert abs(_logit(out) - logits["RAS"]) > 1e-4
