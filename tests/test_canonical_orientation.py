@@ -103,3 +103,22 @@ def test_same_anatomy_in_three_orientations_same_logit_same_world_map(fitted_run
     assert main(["explain", "--run", str(run), "--direction", "inject", "--out", str(out),
                  str(tmp_path / "mirrored.nii.gz")]) == 0
     assert abs(_logit(out) - logits["RAS"]) > 1e-4
+
+
+def test_a_run_moved_alone_or_with_its_cohort_keeps_its_split(fitted_run, tmp_path):
+    """split.json stores paths relative to the run and absolute beside them: a run copied
+    elsewhere alone still names the same images; a project moved whole uses the relative."""
+    import shutil
+
+    from counterwarp.workflows.folder import read_split
+
+    root, run = fitted_run
+    original = {p: sorted(i["path"] for i in read_split(run)[p]) for p in ("train", "test")}
+    alone = tmp_path / "elsewhere" / "run"
+    shutil.copytree(run, alone)
+    assert {p: sorted(i["path"] for i in read_split(alone)[p])
+            for p in ("train", "test")} == original
+    project = tmp_path / "project"
+    shutil.copytree(root, project)
+    moved = {p: sorted(i["path"] for i in read_split(project / "run")[p]) for p in ("train",)}
+    assert all(path.startswith(str(project.resolve())) for path in moved["train"])

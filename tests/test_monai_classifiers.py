@@ -171,7 +171,7 @@ def pipeline(cohort, models, tmp_path_factory) -> Callable[[str, str], Pipeline]
 
 def _test_paths(run: Path) -> list[Path]:
     split = json.loads((run / "split.json").read_text())
-    return [Path(item["path"]) for item in split["test"]]
+    return [(run / item["path"]).resolve() for item in split["test"]]  # stored relative
 
 
 @pytest.mark.parametrize(("arch", "fmt"), VARIANTS, ids=VARIANT_IDS)

@@ -126,7 +126,9 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
     files["not_nifti"].write_text("path,label\nthis is a CSV file, not an image\n")
     files["folder"] = bad / "folder.nii.gz"
     files["folder"].mkdir()
-    train = json.loads((run / "split.json").read_text(encoding="utf-8"))["train"]
+    from counterwarp.workflows.folder import read_split
+
+    train = read_split(run)["train"]  # paths resolved (split.json stores them relative)
     write_manifest(root / "train.csv", [(item["path"], str(item["label"])) for item in train])
     return World(root, cohort, run, foreign, files)
 

@@ -12,7 +12,7 @@ import os
 import shutil
 import tempfile
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 
 from counterwarp.errors import CounterwarpError
@@ -297,19 +297,6 @@ class _Transaction:
     def keep(self) -> None:
         """Keep what was written so far even if the command then fails."""
         self.kept = True
-
-
-def claim_files(folder: str | os.PathLike[str], names: Sequence[str]) -> None:
-    """Record ``names`` (files about to be moved into ``folder`` by a command holding its
-    lock, e.g. a staged run's files) as counterwarp's own, so later commands may replace
-    them (see :func:`owned_files`)."""
-    new = [name for name in names if name not in owned_files(folder) and "\n" not in name]
-    if not new:
-        return
-    state = Path(folder) / STATE_DIR
-    state.mkdir(exist_ok=True)
-    with open(state / "files.txt", "a", encoding="utf-8") as handle:
-        handle.write("".join(name + "\n" for name in new))
 
 
 def owned_files(folder: str | os.PathLike[str]) -> set[str]:

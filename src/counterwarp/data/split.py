@@ -107,8 +107,9 @@ def split_record(
 
 def split_on_disk(record: dict[str, Any], folder: Path) -> dict[str, Any]:
     """``record`` (from :func:`split_record`) as ``folder/split.json`` stores it: the
-    manifest's and every row's path relative to ``folder``, so a run folder moved together
-    with its cohort (``mv project elsewhere``) still finds its images."""
+    manifest's and every row's ``path`` relative to ``folder`` (so a project moved whole,
+    cohort and runs together, still finds its images) and ``absolute_path`` beside it (so a
+    run folder moved alone still does)."""
     base = Path(folder).resolve()
 
     def relative(path: str) -> str:
@@ -116,27 +117,37 @@ def split_on_disk(record: dict[str, Any], folder: Path) -> dict[str, Any]:
 
     stored = dict(record)
     if isinstance(stored.get("manifest"), str):
+        stored["manifest_absolute"] = str(Path(stored["manifest"]).resolve())
         stored["manifest"] = relative(stored["manifest"])
     for name in SPLIT_PARTS:
-        stored[name] = [{**item, "path": relative(item["path"])} for item in record[name]]
+        stored[name] = [{**item, "path": relative(item["path"]),
+                         "absolute_path": str(Path(item["path"]).resolve())}
+                        for item in record[name]]
     return stored
 
 
+def _resolved(base: Path, path: str, absolute: Any) -> str:
+    """``path`` against ``base`` when that file exists, else the recorded absolute path."""
+    candidate = (base / path).resolve()
+    if candidate.exists() or not isinstance(absolute, str):
+        return str(candidate)
+    return absolute
+
+
 def split_from_disk(stored: dict[str, Any], folder: Path) -> dict[str, Any]:
-    """A ``split.json`` record with its relative paths resolved against ``folder`` (absolute
-    paths, as older runs stored them, are kept)."""
+    """A ``split.json`` record with its paths resolved: relative to ``folder`` where that
+    file exists, else the absolute path recorded beside it (older runs stored only
+    absolute paths, which are kept)."""
     base = Path(folder).resolve()
-
-    def absolute(path: str) -> str:
-        return str((base / path).resolve())
-
     record = dict(stored)
     if isinstance(record.get("manifest"), str):
-        record["manifest"] = absolute(record["manifest"])
+        record["manifest"] = _resolved(base, record["manifest"], record.pop(
+            "manifest_absolute", None))
     for name in SPLIT_PARTS:
         if isinstance(record.get(name), list):
             record[name] = [
-                {**item, "path": absolute(item["path"])}
+                {**{k: v for k, v in item.items() if k != "absolute_path"},
+                 "path": _resolved(base, item["path"], item.get("absolute_path"))}
                 if isinstance(item, dict) and isinstance(item.get("path"), str) else item
                 for item in record[name]
             ]

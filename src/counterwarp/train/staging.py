@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 from counterwarp._io import atomic_path, write_text_atomic
-from counterwarp._io.folders import claim_files
 from counterwarp._io.provenance import file_digest
 from counterwarp.errors import CounterwarpError
 
@@ -106,7 +105,6 @@ class Staging:
         """Move the staged files ``names`` (those that exist) into the run, then remove the
         staging folder; returns the run's paths that were replaced."""
         present = [name for name in names if (self.folder / name).is_file()]
-        claim_files(self.run, present)  # counterwarp's own: later commands may replace them
         with disk_errors(self.folder / COMMIT_NAME, "nothing was swapped in"):
             write_text_atomic(self.folder / COMMIT_NAME, json.dumps(present))
         return self._finish(present)

@@ -230,9 +230,10 @@ def report_run(
     with writing_folder(target.parent, "a report", hint="move it away, or choose another --out"):
         written = _report_into(run, target, explain_dir, saliency_dir, group_dir, benchmark,
                                n_subjects, compute, progress)
-        write_json_atomic(target.parent / PROVENANCE_NAME, merged_record(
-            target.parent, "report", {"run": relative_to(run, target.parent),
-                                      "report": target.name, **run_digests(run)}))
+        if target.parent.resolve() != run.resolve():  # the run keeps its own record
+            write_json_atomic(target.parent / PROVENANCE_NAME, merged_record(
+                target.parent, "report", {"run": relative_to(run, target.parent),
+                                          "report": target.name, **run_digests(run)}))
         return written
 
 
