@@ -88,6 +88,49 @@ def _detect_delimiter(header_line: str) -> str:
     return best if counts[best] > 0 else ","
 
 
+def read_table(
+    path: Path, where: str, needs: str, delimiter: str | None = None,
+) -> tuple[list[str], list[tuple[int, dict[str, str]]], str]:
+    """A UTF-8 CSV / TSV table: its header, ``(line, {column: value})`` rows (blank lines
+    skipped, values stripped, short rows padded with "") and its separator (``delimiter``,
+    or the one of , ; tab the header uses most).
+
+    ``where`` starts every error (``"manifest X"``); ``needs`` says what an empty file
+    lacks.
+    """
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise CounterwarpError(
+            f"{where}: not UTF-8 text ({error}). Save it as UTF-8 CSV."
+        ) from error
+    except OSError as error:
+        raise CounterwarpError(
+            f"{where}: cannot read it ({error.strerror or error}); check that "
+            "the file is readable by you."
+        ) from error
+    lines = text.splitlines()
+    header_index = next((i for i, line in enumerate(lines) if line.strip()), None)
+    if header_index is None:
+        raise CounterwarpError(f"{where} is empty; it needs {needs}.")
+    delimiter = delimiter or _detect_delimiter(lines[header_index])
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    header: list[str] | None = None
+    rows: list[tuple[int, dict[str, str]]] = []
+    for fields in reader:
+        line = reader.line_num
+        if not any(value.strip() for value in fields):
+            continue
+        if header is None:
+            header = [name.strip() for name in fields]
+            continue
+        values = [value.strip() for value in fields]
+        rows.append((line, {name: (values[i] if i < len(values) else "")
+                            for i, name in enumerate(header)}))
+    assert header is not None
+    return header, rows, delimiter
+
+
 def _parse_label(raw: str, positive_label: str | None, manifest: Path, line: int) -> int:
     if positive_label is not None:
         return 1 if raw == positive_label else 0
@@ -158,39 +201,9 @@ def read_manifest(
         raise CounterwarpError(
             "--negative-labels needs --positive-label (which value means diseased)"
         )
-    try:
-        text = manifest_path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as error:
-        raise CounterwarpError(
-            f"manifest {manifest_path}: not UTF-8 text ({error}). Save it as UTF-8 CSV."
-        ) from error
-    except OSError as error:
-        raise CounterwarpError(
-            f"manifest {manifest_path}: cannot read it ({error.strerror or error}); check that "
-            "the file is readable by you."
-        ) from error
-    lines = text.splitlines()
-    header_index = next((i for i, line in enumerate(lines) if line.strip()), None)
-    if header_index is None:
-        raise CounterwarpError(
-            f"manifest {manifest_path} is empty; it needs a header line 'path,label' and one "
-            "line per image."
-        )
-    delimiter = _detect_delimiter(lines[header_index])
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
-    header: list[str] | None = None
-    raw_rows: list[tuple[int, dict[str, str]]] = []
-    for fields in reader:
-        line = reader.line_num
-        if not any(value.strip() for value in fields):
-            continue
-        if header is None:
-            header = [name.strip() for name in fields]
-            continue
-        values = [value.strip() for value in fields]
-        row = {name: (values[i] if i < len(values) else "") for i, name in enumerate(header)}
-        raw_rows.append((line, row))
-    assert header is not None
+    header, raw_rows, delimiter = read_table(
+        manifest_path, f"manifest {manifest_path}",
+        "a header line 'path,label' and one line per image")
     lowered = {name.lower(): name for name in header if name}
     missing_columns = [name for name in ("path", "label") if name not in lowered]
     if missing_columns:

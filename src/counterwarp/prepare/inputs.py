@@ -21,14 +21,12 @@ otherwise.
 
 from __future__ import annotations
 
-import csv
-import io
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from counterwarp.data.manifest import MANIFEST_NAME, image_id, nifti_stem
+from counterwarp.data.manifest import MANIFEST_NAME, image_id, nifti_stem, read_table
 from counterwarp.data.preprocess import resolve_image_path
 from counterwarp.errors import CounterwarpError
 
@@ -139,31 +137,11 @@ def _existing(path: Path, where: str) -> Path:
 
 
 def _read_table(path: Path, delimiter: str | None) -> tuple[list[str], list[tuple[int, dict]]]:
-    """Header and ``(line, row)`` pairs of a CSV / TSV file; blank lines skipped."""
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as error:
-        raise CounterwarpError(f"{path}: cannot read it as UTF-8 text ({error})") from None
-    lines = [line for line in text.splitlines() if line.strip()]
-    if not lines:
-        raise CounterwarpError(f"{path} is empty; it needs a header line and one row per scan")
-    if delimiter is None:
-        counts = {d: lines[0].count(d) for d in (",", ";", "\t")}
-        delimiter = max(counts, key=lambda d: counts[d]) if max(counts.values()) else ","
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
-    header: list[str] | None = None
-    rows: list[tuple[int, dict]] = []
-    for fields in reader:
-        if not any(value.strip() for value in fields):
-            continue
-        if header is None:
-            header = [name.strip() for name in fields]
-            continue
-        values = [value.strip() for value in fields]
-        rows.append((reader.line_num, {name: values[i] if i < len(values) else ""
-                                       for i, name in enumerate(header) if name}))
-    assert header is not None
-    return [name for name in header if name], rows
+    """Header (named columns only) and ``(line, row)`` pairs of a CSV / TSV file."""
+    header, rows, _ = read_table(path, str(path), "a header line and one row per scan",
+                                 delimiter)
+    named = [name for name in header if name]
+    return named, [(line, {k: v for k, v in row.items() if k}) for line, row in rows]
 
 
 def _column(header: list[str], name: str, table: Path, flag: str) -> str:
