@@ -43,6 +43,38 @@ def toy_brain(
     return image.astype(np.float32)
 
 
+def stored_as(image: nib.Nifti1Image, codes: str) -> nib.Nifti1Image:
+    """The same anatomy (same world coordinates) with its array in orientation ``codes``."""
+    from nibabel import orientations
+
+    transform = orientations.ornt_transform(
+        orientations.io_orientation(image.affine), orientations.axcodes2ornt(tuple(codes))
+    )
+    data = orientations.apply_orientation(np.asarray(image.dataobj), transform)
+    affine = image.affine @ orientations.inv_ornt_aff(transform, image.shape)
+    return nib.Nifti1Image(np.ascontiguousarray(data), affine)
+
+
+def fitted_toy_run(root: Path, affine: np.ndarray, seed: int) -> Path:
+    """16 toy brains (16^3, ``affine``) in ``root`` with ``root/manifest.csv``, a classifier
+    trained 2 epochs and a simulator fitted 3 steps through the CLI; returns the run."""
+    from counterwarp.cli import main
+
+    rng = np.random.default_rng(seed)
+    lines = ["path,label,subject"]
+    for i in range(16):
+        name = f"sub-{i:03d}.nii.gz"
+        nib.save(nib.Nifti1Image(toy_brain((16, 16, 16), i % 2, rng), affine), root / name)
+        lines.append(f"{name},{i % 2},sub-{i:03d}")
+    (root / "manifest.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    run = root / "run"
+    assert main(["train-classifier", "--manifest", str(root / "manifest.csv"), "--out",
+                 str(run), "--epochs", "2", "--batch-size", "4"]) == 0
+    assert main(["fit", "--manifest", str(root / "manifest.csv"), "--run", str(run),
+                 "--steps", "3", "--batch-size", "2"]) == 0
+    return run
+
+
 @pytest.fixture
 def write_nifti() -> Callable[..., Path]:
     """``write_nifti(path, array, affine=None) -> Path``: save an array as a NIfTI file."""

@@ -10,23 +10,13 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from nibabel import orientations
 
+from conftest import fitted_toy_run, stored_as
 from counterwarp.cli import main
 from counterwarp.workflows.folder import load_run_classifier, model_preprocessing
 
 #: A non-trivial, non-RAS-symmetric affine: 2 mm voxels, shifted origin.
 AFFINE = np.array([[2.0, 0, 0, -15], [0, 2.0, 0, -17], [0, 0, 2.0, -13], [0, 0, 0, 1]])
-
-
-def _stored_as(image: nib.Nifti1Image, codes: str) -> nib.Nifti1Image:
-    """The same anatomy (same world coordinates) with its array in orientation ``codes``."""
-    transform = orientations.ornt_transform(
-        orientations.io_orientation(image.affine), orientations.axcodes2ornt(tuple(codes))
-    )
-    data = orientations.apply_orientation(np.asarray(image.dataobj), transform)
-    affine = image.affine @ orientations.inv_ornt_aff(transform, image.shape)
-    return nib.Nifti1Image(np.ascontiguousarray(data), affine)
 
 
 def _logit(out: Path) -> float:
@@ -43,23 +33,8 @@ def _change_map(out: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def fitted_run(tmp_path_factory) -> tuple[Path, Path]:
-    from conftest import toy_brain
-
     root = tmp_path_factory.mktemp("canonical")
-    rng = np.random.default_rng(0)
-    lines = ["path,label,subject"]
-    for i in range(16):
-        label = i % 2
-        name = f"sub-{i:03d}.nii.gz"
-        nib.save(nib.Nifti1Image(toy_brain((16, 16, 16), label, rng), AFFINE), root / name)
-        lines.append(f"{name},{label},sub-{i:03d}")
-    (root / "manifest.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    run = root / "run"
-    assert main(["train-classifier", "--manifest", str(root / "manifest.csv"), "--out",
-                 str(run), "--epochs", "2", "--batch-size", "4"]) == 0
-    assert main(["fit", "--manifest", str(root / "manifest.csv"), "--run", str(run),
-                 "--steps", "3", "--batch-size", "2"]) == 0
-    return root, run
+    return root, fitted_toy_run(root, AFFINE, seed=0)
 
 
 def test_the_own_classifier_records_ras(fitted_run):
@@ -78,7 +53,7 @@ def test_same_anatomy_in_three_orientations_same_logit_same_world_map(fitted_run
     logits, maps = {}, {}
     for codes in ("RAS", "LAS", "PIR"):
         file = tmp_path / f"anatomy_{codes}.nii.gz"
-        stored = _stored_as(asymmetric, codes)
+        stored = stored_as(asymmetric, codes)
         nib.save(stored, file)
         assert nib.aff2axcodes(nib.load(file).affine) == tuple(codes)
         out = tmp_path / f"explain_{codes}"

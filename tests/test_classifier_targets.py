@@ -12,9 +12,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from nibabel import orientations
 from torch import nn
 
+from conftest import stored_as
 from counterwarp.cli import main
 from counterwarp.data.derivatives import output_name
 from counterwarp.workflows.explain import explain_run
@@ -103,16 +103,6 @@ def test_inject_grows_what_the_score_counts(tmp_path, kind):
         assert all(sign * c[core].mean() > 0.1 for c in change)
 
 
-def _stored_as(image: nib.Nifti1Image, codes: str) -> nib.Nifti1Image:
-    """The same anatomy (same world coordinates) with its array in orientation ``codes``."""
-    transform = orientations.ornt_transform(
-        orientations.io_orientation(image.affine), orientations.axcodes2ornt(tuple(codes))
-    )
-    data = orientations.apply_orientation(np.asarray(image.dataobj), transform)
-    affine = image.affine @ orientations.inv_ornt_aff(transform, image.shape)
-    return nib.Nifti1Image(np.ascontiguousarray(data), affine)
-
-
 class Lopsided(nn.Module):
     """A model that tells left from right: fixed random weights over the grid."""
 
@@ -135,7 +125,7 @@ def test_same_anatomy_in_three_orientations_gives_the_same_logits_and_maps(tmp_p
     files = {}
     for codes in ("RAS", "LAS", "PIR"):
         files[codes] = tmp_path / f"anatomy_{codes}.nii.gz"
-        nib.save(_stored_as(asymmetric, codes), files[codes])
+        nib.save(stored_as(asymmetric, codes), files[codes])
     assert nib.aff2axcodes(nib.load(files["PIR"]).affine) == ("P", "I", "R")
     torch.jit.save(torch.jit.script(Lopsided().eval()), tmp_path / "model.ts")
     run = tmp_path / "run"

@@ -10,6 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from conftest import fitted_toy_run
 from counterwarp.cli import main
 from counterwarp.data.derivatives import output_name
 from counterwarp.errors import CounterwarpError
@@ -20,22 +21,8 @@ AFFINE = np.array([[-2.0, 0, 0, 15], [0, 2.0, 0, -17], [0, 0, 2.0, -13], [0, 0, 
 
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory) -> tuple[Path, Path]:
-    from conftest import toy_brain
-
     root = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(1)
-    lines = ["path,label,subject"]
-    for i in range(16):
-        name = f"sub-{i:03d}.nii.gz"
-        nib.save(nib.Nifti1Image(toy_brain((16, 16, 16), i % 2, rng), AFFINE), root / name)
-        lines.append(f"{name},{i % 2},sub-{i:03d}")
-    (root / "manifest.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    run = root / "run"
-    assert main(["train-classifier", "--manifest", str(root / "manifest.csv"), "--out",
-                 str(run), "--epochs", "2", "--batch-size", "4"]) == 0
-    assert main(["fit", "--manifest", str(root / "manifest.csv"), "--run", str(run),
-                 "--steps", "3", "--batch-size", "2"]) == 0
-    return root, run
+    return root, fitted_toy_run(root, AFFINE, seed=1)
 
 
 def test_explain_matches_the_command_and_keeps_the_affine(fitted, tmp_path):

@@ -10,6 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from conftest import fitted_toy_run
 from counterwarp.cli import main
 from counterwarp.geometry.itk_field import itk_field_image
 from counterwarp.prepare import load_template, read_transform, transform_matrix_ras
@@ -99,14 +100,15 @@ def test_native_maps_follow_the_recorded_transform(prepared, tmp_path):
     assert np.abs(simulated - np.asarray(native.dataobj))[inside].mean() > 1e-3
 
 
-def test_explain_native_through_the_command(prepared, tmp_path, toy_cohort):
+@pytest.fixture(scope="module")
+def toy_run(tmp_path_factory) -> Path:
+    """A fitted run on toy brains with the prepared images' grid (16^3)."""
+    return fitted_toy_run(tmp_path_factory.mktemp("toy"), np.eye(4), seed=0)
+
+
+def test_explain_native_through_the_command(prepared, tmp_path, toy_run):
     out, row = prepared
-    manifest = toy_cohort(n=12, shape=(16, 16, 16))
-    run = tmp_path / "run"
-    assert main(["train-classifier", "--manifest", str(manifest), "--out", str(run),
-                 "--epochs", "1", "--batch-size", "4"]) == 0
-    assert main(["fit", "--manifest", str(manifest), "--run", str(run), "--steps", "2",
-                 "--batch-size", "2"]) == 0
+    run = toy_run
     explained = tmp_path / "explained"
     assert main(["explain", "--run", str(run), "--manifest", str(out / "manifest.csv"),
                  "--split", "all", "--direction", "inject", "--native", "--out",
@@ -118,13 +120,8 @@ def test_explain_native_through_the_command(prepared, tmp_path, toy_cohort):
         np.testing.assert_allclose(image.affine, native.affine)
 
 
-def test_native_without_a_prepared_manifest_is_refused(tmp_path, toy_cohort, capsys):
-    manifest = toy_cohort(n=12, shape=(16, 16, 16))
-    run = tmp_path / "run"
-    assert main(["train-classifier", "--manifest", str(manifest), "--out", str(run),
-                 "--epochs", "1", "--batch-size", "4"]) == 0
-    assert main(["fit", "--manifest", str(manifest), "--run", str(run), "--steps", "1",
-                 "--batch-size", "2"]) == 0
+def test_native_without_a_prepared_manifest_is_refused(tmp_path, toy_run, capsys):
+    run, manifest = toy_run, toy_run.parent / "manifest.csv"
     capsys.readouterr()
     explained = tmp_path / "explained"
     assert main(["explain", "--run", str(run), "--manifest", str(manifest), "--native",
