@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from counterwarp._io.provenance import relative_to
 from counterwarp.data.manifest import SPLIT_PARTS, ManifestRow
 from counterwarp.errors import CounterwarpError
 
@@ -110,10 +110,8 @@ def split_on_disk(record: dict[str, Any], folder: Path) -> dict[str, Any]:
     manifest's and every row's ``path`` relative to ``folder`` (so a project moved whole,
     cohort and runs together, still finds its images) and ``absolute_path`` beside it (so a
     run folder moved alone still does)."""
-    base = Path(folder).resolve()
-
     def relative(path: str) -> str:
-        return Path(os.path.relpath(Path(path).resolve(), base)).as_posix()
+        return relative_to(path, folder)
 
     stored = dict(record)
     if isinstance(stored.get("manifest"), str):

@@ -15,7 +15,6 @@ Files written before bindings existed (no such key) are accepted as they are.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ import torch
 from torch import nn
 
 from counterwarp._io import write_json_atomic
-from counterwarp._io.provenance import PROVENANCE_NAME, input_digests, record
+from counterwarp._io.provenance import PROVENANCE_NAME, input_digests, record, relative_to
 from counterwarp.data.contract import Preprocessing, parse_contract
 from counterwarp.data.manifest import (
     ManifestDataset,
@@ -332,7 +331,7 @@ def write_provenance(
     out = Path(out)
     fields = dict(simulator.provenance_)
     if "run" in fields:
-        fields["run"] = Path(os.path.relpath(fields["run"], out.resolve())).as_posix()
+        fields["run"] = relative_to(fields["run"], out)
     if inputs is not None:
         fields["inputs_sha256"] = input_digests(inputs, out)
     return write_json_atomic(out / table_name(PROVENANCE_NAME, shard), record(**fields))
