@@ -223,6 +223,9 @@ def test_config_round_trip() -> None:
         {"input_shape": [16, 16], "max_displacement": -1.0},
         {"input_shape": [16, 16], "routing_dropout": 1.5},
         {"input_shape": [16, 16], "learning_rate": 1e-3},
+        {"input_shape": [16, 16], "field_downsize": 3},
+        {"input_shape": [16, 16, 16], "field_downsize": 8},  # 3 levels: at most 4
+        {"input_shape": [16, 16], "field_downsize": 0},
         {"channels": [16, 32]},
         [16, 16],
     ],
@@ -230,3 +233,43 @@ def test_config_round_trip() -> None:
 def test_invalid_config_raises(cfg: object) -> None:
     with pytest.raises(CounterwarpError):
         SimulatorNet.from_config(cfg)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- coarse field
+
+
+@pytest.mark.parametrize("shape", [(32, 32), (16, 16, 16)])
+def test_half_resolution_field_has_the_input_grid_and_no_full_size_decoder(
+    shape: tuple[int, ...],
+) -> None:
+    torch.manual_seed(0)
+    full = SimulatorNet(shape, **SMALL)
+    half = SimulatorNet(shape, field_downsize=2, **SMALL)
+    assert len(half.up) == len(full.up) - 1  # the full-size decoder level is gone
+    assert half.head.in_channels == SMALL["channels"][1]
+    x = torch.randn(2, 1, *shape)
+    c = torch.tensor([1.0, -1.0])
+    assert torch.count_nonzero(half(x, c)) == 0  # still starts at the identity
+    _one_step(half, x, c)
+    half.eval()
+    with torch.no_grad():
+        field = half(x, c)
+    assert field.shape == (2, len(shape), *shape) and field.abs().max() > 0
+
+
+def test_half_resolution_field_is_the_upsampled_coarse_head_in_fine_voxels() -> None:
+    torch.manual_seed(0)
+    net = SimulatorNet((16, 16), field_downsize=2, smoothing_sigma=0.0, **SMALL).eval()
+    torch.nn.init.normal_(net.head.weight, std=0.1)
+    x = torch.randn(1, 1, 16, 16)
+    coarse = {}
+    net.head.register_forward_hook(lambda m, i, out: coarse.setdefault("out", out))
+    with torch.no_grad():
+        field = net(x, 1.0)
+    expected = torch.nn.functional.interpolate(
+        2 * coarse["out"], size=(16, 16), mode="bilinear", align_corners=False
+    )
+    assert coarse["out"].shape[2:] == (8, 8)
+    torch.testing.assert_close(field, expected)
+    # a shift of one coarse voxel is two fine voxels: the field is in input-grid voxels
+    assert field.abs().max() > 1.5 * coarse["out"].abs().max()

@@ -94,6 +94,7 @@ class Simulator:
             classifier's logits on the training images.
         w_shift, w_cycle, w_smooth, smooth_kind, w_magnitude, w_fold: loss weights.
         field_sigma: Gaussian smoothing of the predicted field (voxels).
+        field_downsize: predict the field on a grid this many times coarser, upsampled.
         antisymmetric: one field for both directions, remove = -inject.
         precision: ``"fp32"`` or ``"bf16"`` (autocast forward passes).
         checkpoint_every, seed: checkpoints every N steps; random seed.
@@ -128,6 +129,7 @@ class Simulator:
         w_magnitude: float = _DEFAULT.w_magnitude,
         w_fold: float = _DEFAULT.w_fold,
         field_sigma: float = _DEFAULT.field_sigma,
+        field_downsize: int = _DEFAULT.field_downsize,
         norm: str = _DEFAULT.norm,
         antisymmetric: bool = _DEFAULT.antisymmetric,
         precision: str = _DEFAULT.precision,

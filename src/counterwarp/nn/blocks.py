@@ -16,7 +16,7 @@ from counterwarp.nn.condconv import CondConv
 
 _BATCHNORM = {2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 _MAXPOOL = {2: nn.MaxPool2d, 3: nn.MaxPool3d}
-_UPSAMPLE_MODE = {2: "bilinear", 3: "trilinear"}
+UPSAMPLE_MODE = {2: "bilinear", 3: "trilinear"}
 _LEAK = 0.1
 
 
@@ -72,7 +72,7 @@ class UpBlock(nn.Module):
         self.conv = CondConv(in_channels, out_channels, dim=dim, **condconv)
         self.norm = make_norm(norm, out_channels, dim)
         self.act = nn.LeakyReLU(_LEAK)
-        self.up = nn.Upsample(scale_factor=2, mode=_UPSAMPLE_MODE[dim], align_corners=False)
+        self.up = nn.Upsample(scale_factor=2, mode=UPSAMPLE_MODE[dim], align_corners=False)
 
     def forward(self, x: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
         return self.up(self.act(self.norm(self.conv(x, condition))))

@@ -12,7 +12,13 @@ Architecture, for ``channels = (c0, c1, ..., cL)`` and ``n`` resolution levels::
     down[i]   BN, LeakyReLU(0.1), MaxPool(2), CondConv c_i -> c_{i+1}   (i = 0..n-1)
     bottleneck  flatten -> FC -> latent -> ReLU -> concat c -> FC -> reshape
     up[i]     CondConv c_{i+1} -> c_i, BN, LeakyReLU(0.1), Upsample(2), + skip   (i = n-1..0)
-    head      CondConv c0 -> d, zero-initialised (the field starts at exactly 0)
+    head      CondConv c_k -> d at S / 2**k, zero-initialised (the field starts at exactly 0)
+    upsample  with ``field_downsize = 2**k > 1``: trilinear to S, times 2**k (fine voxels)
+
+With ``field_downsize = 2**k`` the decoder stops ``k`` levels above the input grid (as
+VoxelMorph's ``int_downsize``): the field is predicted on a grid ``2**k`` times coarser and
+upsampled, so no decoder level and no head runs at full size, and every field the network
+can express is smooth at the scale of ``2**k`` voxels.
 
 The depth ``n`` is sized from ``input_shape``: the largest ``n <= len(channels) - 1`` such
 that every spatial size is divisible by ``2**n`` and ``size / 2**n >= 2``. At 32^3 that is
@@ -34,6 +40,7 @@ import math
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from counterwarp.errors import CounterwarpError
@@ -42,6 +49,7 @@ from counterwarp.geometry.warp import integrate_velocity, warp
 from counterwarp.limits import check_fits, check_grid
 from counterwarp.nn.blocks import (
     NORMS,
+    UPSAMPLE_MODE,
     ConditionalBottleneck,
     DownBlock,
     UpBlock,
@@ -119,7 +127,15 @@ def _validated(cfg: dict[str, Any]) -> dict[str, Any]:
         raise CounterwarpError(
             f"SimulatorNet: antisymmetric must be true or false, got {cfg['antisymmetric']!r}."
         )
-    if num_levels(shape, len(channels) - 1) < 1:
+    downsize = cfg["field_downsize"]
+    levels = num_levels(shape, len(channels) - 1)
+    if (isinstance(downsize, bool) or not isinstance(downsize, int) or downsize < 1
+            or downsize & (downsize - 1) or downsize >= 2 ** max(levels, 1)):
+        raise CounterwarpError(
+            f"SimulatorNet: field_downsize must be a power of two below 2**levels = "
+            f"{2 ** max(levels, 1)} for input_shape {list(shape)}, got {downsize!r}."
+        )
+    if levels < 1:
         raise CounterwarpError(
             f"SimulatorNet: input_shape {list(shape)} cannot be pooled by 2 (every size must be "
             "even and >= 4). Pad or crop images to a multiple of 16 voxels per axis."
@@ -180,6 +196,8 @@ class SimulatorNet(nn.Module):
             same in training and evaluation, which matters for small batches and 2^3 maps).
         smoothing_sigma: if > 0, the raw field is Gaussian-smoothed with this sigma (voxels),
             so every deformation the simulator can express is smooth at that scale.
+        field_downsize: ``2**k``: predict the field on a grid ``2**k`` times coarser than
+            the input and upsample it (1: at full resolution, the paper's).
         antisymmetric: if True, the network predicts one field ``g(x)``, "the disease
             direction at x", without looking at the condition, and returns ``c * g(x)``:
             "remove" is then exactly the negated "inject" field (with ``field="velocity"``,
@@ -200,6 +218,7 @@ class SimulatorNet(nn.Module):
         smoothing_sigma: float = 0.0,
         norm: str = "batch",
         antisymmetric: bool = False,
+        field_downsize: int = 1,
     ) -> None:
         super().__init__()
         arguments = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
@@ -212,6 +231,8 @@ class SimulatorNet(nn.Module):
         dim = self.dim = len(self.input_shape)
         ch = cfg["channels"]
         self.levels = num_levels(self.input_shape, len(ch) - 1)
+        self.field_downsize: int = cfg["field_downsize"]
+        first_up = self.field_downsize.bit_length() - 1  # k: the level the field comes out at
         cc = dict(
             num_experts=cfg["num_experts"],
             routing=cfg["routing"],
@@ -224,11 +245,12 @@ class SimulatorNet(nn.Module):
         )
         coarse = tuple(s // 2**self.levels for s in self.input_shape)
         self.bottleneck = ConditionalBottleneck(ch[self.levels], coarse, cfg["latent_dim"])
-        # up[i] maps level i+1 back to level i; applied from the deepest level upwards
+        # up[j] maps level k+j+1 back to level k+j; applied from the deepest level upwards
         self.up = nn.ModuleList(
-            UpBlock(ch[i + 1], ch[i], dim, norm=cfg["norm"], **cc) for i in range(self.levels)
+            UpBlock(ch[i + 1], ch[i], dim, norm=cfg["norm"], **cc)
+            for i in range(first_up, self.levels)
         )
-        self.head = CondConv(ch[0], dim, dim=dim, zero_init=True, **cc)
+        self.head = CondConv(ch[first_up], dim, dim=dim, zero_init=True, **cc)
 
     @property
     def config(self) -> dict[str, Any]:
@@ -298,13 +320,19 @@ class SimulatorNet(nn.Module):
             h = block(h, c) + skips.pop()
         # the field leaves the network in float32 even under bf16 autocast: displacements of
         # a few voxels need more than bf16's 8-bit mantissa for smooth Jacobians
-        out = self.head(h, c).float()
+        factor = self.field_downsize
+        out = self.head(h, c).float() * factor  # in voxels of the input grid
         with torch.autocast(device_type=out.device.type, enabled=False):
             if self.max_displacement is not None:
                 m = self.max_displacement
                 out = m * torch.tanh(out / m)
-            if self._cfg["smoothing_sigma"] > 0:
-                out = gaussian_smooth(out, self._cfg["smoothing_sigma"])
+            if self._cfg["smoothing_sigma"] > 0:  # sigma in input voxels, on the coarse grid
+                out = gaussian_smooth(out, self._cfg["smoothing_sigma"] / factor)
+            if factor > 1:
+                out = F.interpolate(
+                    out, size=self.input_shape, mode=UPSAMPLE_MODE[self.dim],
+                    align_corners=False,
+                )
             if self._cfg["antisymmetric"]:
                 out = out * direction.float().view(-1, *([1] * (out.ndim - 1)))
         return out

@@ -53,6 +53,8 @@ SETTING_HELP: dict[str, str] = {
     "antisymmetric": "one disease field g(x) for both directions (remove = -inject); "
                      "--no-antisymmetric gives the paper's fully conditional simulator",
     "field_sigma": "Gaussian smoothing of the predicted field, in voxels",
+    "field_downsize": "predict the field on a grid this many times coarser (a power of 2) "
+                      "and upsample it: faster, and smooth at that scale (1: full resolution)",
     "precision": "bf16: forward passes under bfloat16 autocast (GPUs, and CPUs with "
                  "AMX/AVX512-BF16); fields, warps and weights stay float32",
     "checkpoint_every": "write a resumable checkpoint every N steps",
@@ -95,6 +97,7 @@ class FitConfig:
     w_magnitude: float = 0.01
     w_fold: float = 0.0
     field_sigma: float = 1.0
+    field_downsize: int = 1
     norm: str = "batch"
     antisymmetric: bool = True
     precision: str = "fp32"
@@ -108,7 +111,8 @@ class FitConfig:
                 raise CounterwarpError(
                     f"{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}"
                 )
-        positive_ints = ("num_experts", "steps", "batch_size", "checkpoint_every", "latent_dim")
+        positive_ints = ("num_experts", "steps", "batch_size", "checkpoint_every", "latent_dim",
+                         "field_downsize")
         for name in positive_ints:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -125,6 +129,10 @@ class FitConfig:
             return (isinstance(value, (int, float)) and not isinstance(value, bool)
                     and math.isfinite(value) and value > 0)
 
+        if self.field_downsize & (self.field_downsize - 1):
+            raise CounterwarpError(
+                f"field_downsize must be a power of 2 (1, 2, 4, ...), got {self.field_downsize!r}"
+            )
         if self.margin is not None and not positive_number(self.margin):
             raise CounterwarpError(f"margin must be a positive number, got {self.margin!r}")
         if not positive_number(self.margin_sd):

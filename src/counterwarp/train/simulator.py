@@ -86,8 +86,9 @@ def build_net(
 ) -> nn.Module:
     """The untrained simulator network a fit with ``config`` starts from (on the CPU).
 
-    ``net_factory`` replaces :class:`SimulatorNet` (same arguments; ``antisymmetric`` is
-    passed only when set, so factories without that option work in the paper's form).
+    ``net_factory`` replaces :class:`SimulatorNet` (same arguments; ``antisymmetric`` and
+    ``field_downsize`` are passed only when set, so factories without those options work in
+    the paper's form).
     """
     return (net_factory or SimulatorNet)(
         spatial_shape,
@@ -99,6 +100,7 @@ def build_net(
         smoothing_sigma=config.field_sigma,
         norm=config.norm,
         **({"antisymmetric": True} if config.antisymmetric else {}),
+        **({"field_downsize": config.field_downsize} if config.field_downsize > 1 else {}),
     )
 
 
