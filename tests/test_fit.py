@@ -269,3 +269,29 @@ def test_bf16_3d_fit_trains_channels_last_and_resumes_exactly(tmp_path):
     fit_simulator(reader, images, FitConfig.from_dict({**config.to_dict(), "precision": "fp32"}),
                   progress=False)
     assert _conv_weight(reader).is_contiguous()  # float32 keeps the default layout
+
+
+@pytest.mark.parametrize("antisymmetric", [True, False])
+@pytest.mark.parametrize("field", ["displacement", "velocity"])
+def test_explaining_both_directions_at_once_matches_each_on_its_own(antisymmetric, field):
+    from counterwarp.nn.classifier import classifier_logits
+    from counterwarp.nn.simulator import SimulatorNet, simulate
+
+    torch.manual_seed(0)
+    net = SimulatorNet(SHAPE, field=field, channels=(4, 8, 8), latent_dim=16,
+                       antisymmetric=antisymmetric).eval()
+    torch.nn.init.normal_(net.head.weight, std=0.05)  # a field that is not zero
+    simulator = Simulator()
+    simulator.net_, simulator.classifier_, simulator.margin_ = net, BlobScorer(), 0.1
+    images = blob_images(3, seed=2)
+    both = simulator.explain_directions(images, ("inject", "remove"))
+    for direction, c in (("inject", 1.0), ("remove", -1.0)):
+        with torch.no_grad():
+            simulated, displacement, _, _ = simulate(net, images, torch.full((3,), c))
+            logit = classifier_logits(simulator.classifier_, simulated)
+        got = both[direction]
+        torch.testing.assert_close(got.simulated, simulated, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got.displacement, displacement, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(got.logit_after, logit.reshape(-1), atol=1e-5, rtol=1e-5)
+        assert displacement.abs().max() > 1e-3
+    torch.testing.assert_close(both["inject"].logit_before, both["remove"].logit_before)

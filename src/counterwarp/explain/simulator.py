@@ -16,6 +16,7 @@ from torch.utils.data import Dataset
 
 from counterwarp.errors import CounterwarpError
 from counterwarp.geometry.volume import folding_fraction, log_volume_change
+from counterwarp.geometry.warp import warp
 from counterwarp.losses import moved_by_margin
 from counterwarp.nn.classifier import classifier_logits, freeze
 from counterwarp.nn.simulator import DIRECTIONS, SimulatorNet, simulate
@@ -25,6 +26,30 @@ from counterwarp.train.staging import save_torch_file
 
 SIMULATOR_FORMAT = "counterwarp.simulator_model"
 SIMULATOR_VERSION = 1
+
+
+def _simulate_directions(
+    net: SimulatorNet, x: torch.Tensor, conditions: dict[str, torch.Tensor]
+) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    """``{direction: (simulated, displacement, inverse or None)}`` of ``x`` (B, 1, *S).
+
+    An antisymmetric network's raw field for ``-c`` is exactly minus its field for ``c``,
+    so it runs once and the other direction negates the raw field. The geometry runs in
+    float32, as in :func:`~counterwarp.nn.simulator.simulate`.
+    """
+    shared = bool(getattr(net, "config", {}).get("antisymmetric"))
+    first: tuple[torch.Tensor, torch.Tensor] | None = None  # (condition, raw field)
+    out = {}
+    for direction, condition in conditions.items():
+        if shared and first is not None:
+            raw = first[1] * (condition / first[0]).view(-1, *([1] * (x.ndim - 1)))
+        else:
+            raw = net(x, condition).float()
+            first = first or (condition, raw)
+        with torch.autocast(device_type=raw.device.type, enabled=False):
+            displacement, inverse = net.displacements(raw)
+            out[direction] = (warp(x.float(), displacement), displacement, inverse)
+    return out
 
 
 @dataclass
@@ -188,16 +213,28 @@ class Simulator:
             raise CounterwarpError("the simulator is not fitted: call fit() or load() first")
         return self.net_, self.classifier_, self.margin_
 
-    @torch.no_grad()
     def explain(self, images: torch.Tensor, direction: str = "inject") -> Explanation:
         """Simulate ``direction`` on ``images`` (B, 1, *S) and measure the change.
 
         Returns an :class:`Explanation` whose tensors live on the CPU.
         """
+        return self.explain_directions(images, (direction,))[direction]
+
+    @torch.no_grad()
+    def explain_directions(
+        self, images: torch.Tensor, directions: tuple[str, ...] = tuple(DIRECTIONS)
+    ) -> dict[str, Explanation]:
+        """:meth:`explain` in several directions at once: ``{direction: Explanation}``.
+
+        Faster than one call per direction: the classifier scores the input once and every
+        simulated image in one batch, and an antisymmetric simulator (remove = -inject)
+        runs its network once for both directions.
+        """
         net, classifier, margin = self._check_fitted()
-        if direction not in DIRECTIONS:
+        unknown = [d for d in directions if d not in DIRECTIONS]
+        if unknown or not directions:
             raise CounterwarpError(
-                f"direction {direction!r} is not one of {', '.join(DIRECTIONS)}"
+                f"direction {(unknown or [''])[0]!r} is not one of {', '.join(DIRECTIONS)}"
             )
         expected = tuple(net.config["input_shape"])
         if images.ndim != len(expected) + 2 or tuple(images.shape[2:]) != expected:
@@ -209,23 +246,33 @@ class Simulator:
         device = next(net.parameters()).device
         net.eval()
         x = images.float().to(device)
-        condition = torch.full((x.shape[0],), DIRECTIONS[direction], device=device)
-        simulated, displacement, inverse, _ = simulate(net, x, condition)
-        logit_before = classifier_logits(classifier, x).float()
-        logit_after = classifier_logits(classifier, simulated).float()
-        change = log_volume_change(displacement, inverse_displacement=inverse)
-        return Explanation(
-            direction=direction,
-            image=x.cpu(),
-            simulated=simulated.cpu(),
-            displacement=displacement.cpu(),
-            log_volume_change=change.cpu(),
-            logit_before=logit_before.cpu(),
-            logit_after=logit_after.cpu(),
-            moved=moved_by_margin(logit_before, logit_after, condition, margin).cpu(),
-            folding=folding_fraction(displacement).cpu(),
-            margin=margin,
-        )
+        b = x.shape[0]
+        conditions = {d: torch.full((b,), DIRECTIONS[d], device=device) for d in directions}
+        warped = _simulate_directions(net, x, conditions)
+        logits = classifier_logits(
+            classifier, torch.cat([x, *(warped[d][0] for d in directions)])
+        ).float()
+        logit_before = logits[:b]
+        explanations = {}
+        for k, direction in enumerate(directions, start=1):
+            simulated, displacement, inverse = warped[direction]
+            logit_after = logits[k * b : (k + 1) * b]
+            change = log_volume_change(displacement, inverse_displacement=inverse)
+            explanations[direction] = Explanation(
+                direction=direction,
+                image=x.cpu(),
+                simulated=simulated.cpu(),
+                displacement=displacement.cpu(),
+                log_volume_change=change.cpu(),
+                logit_before=logit_before.cpu(),
+                logit_after=logit_after.cpu(),
+                moved=moved_by_margin(
+                    logit_before, logit_after, conditions[direction], margin
+                ).cpu(),
+                folding=folding_fraction(displacement).cpu(),
+                margin=margin,
+            )
+        return explanations
 
     @torch.no_grad()
     def cycle(self, images: torch.Tensor, direction: str = "inject") -> torch.Tensor:

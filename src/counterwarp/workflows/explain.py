@@ -227,8 +227,8 @@ def _explain_into(
                 out.mkdir(parents=True, exist_ok=True)
                 write_json_atomic(out / DATASET_DESCRIPTION_NAME,
                                   dataset_description(__version__))
-            for name in directions:
-                explanation = simulator.explain(tensor.unsqueeze(0), name)
+            explanations = simulator.explain_directions(tensor.unsqueeze(0), directions)
+            for name, explanation in explanations.items():
                 summary.append(
                     _write_explanation(out, ids[k], mine[k], volume, explanation, panels,
                                        payload.get("contract"), native)
