@@ -155,3 +155,27 @@ def test_bf16_weight_gradient_is_right_at_a_depth_of_two(impl: str) -> None:
     out.float().square().sum().backward()
     error = (layer.weight.grad - reference).abs().max() / reference.abs().max()
     assert error < 0.02
+
+
+@pytest.mark.parametrize("impl", ["grouped", "experts"])
+def test_one_image_split_into_depth_halves_gives_the_same_output_and_gradients(impl: str) -> None:
+    from counterwarp.nn import condconv
+
+    torch.manual_seed(0)
+    layer = CondConv(16, 16, dim=3, impl=impl, routing_dropout=0.0)
+    x = torch.randn(1, 16, 8, 8, 8, requires_grad=True)
+    assert condconv._split_depth_is_faster(x, 3)  # this input takes the split path
+    split = layer(x, torch.ones(1))
+    split.square().sum().backward()
+    grads = (x.grad.clone(), layer.weight.grad.clone())
+    x.grad, layer.weight.grad = None, None
+    original = condconv._split_depth_is_faster
+    try:
+        condconv._split_depth_is_faster = lambda *_: False
+        plain = layer(x, torch.ones(1))
+    finally:
+        condconv._split_depth_is_faster = original
+    plain.square().sum().backward()
+    torch.testing.assert_close(split, plain, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grads[0], x.grad, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(grads[1], layer.weight.grad, atol=1e-4, rtol=1e-4)
