@@ -65,9 +65,12 @@ except ImportError:
     sys.path.insert(0, str(ROOT / "src"))
 
 SCHEMA = "counterwarp.bench/1"
-IMPLS = ("auto", "grouped", "experts", "loop", "bound")
-VARIANTS = ("channels_last", "inference_mode", "compile", "bf16")
-DEFAULT_VARIANTS = ("channels_last", "inference_mode", "bf16")
+IMPLS = ("paper", "auto", "grouped", "experts", "loop", "bound")
+VARIANTS = ("channels_last", "inference_mode", "compile", "bf16", "half")
+DEFAULT_VARIANTS = ("channels_last", "inference_mode", "bf16", "half")
+#: The paper's configuration (`paper`): its conditional network with the field head at full
+#: resolution, no field smoothing, the per-sample CondConv loop, float32.
+PAPER_SETTINGS = {"field_downsize": 1, "antisymmetric": False, "field_sigma": 0.0}
 DEFAULT_SIZES = "64:4,32:8"
 QUICK_SIZES = "16:2"
 #: the reference convolution: (channels, edge, batch); quick mode uses a small one
@@ -179,6 +182,8 @@ def build_cases(
         ]
         if "compile" in variants and "bf16" in variants:
             sets.append(("compile", "bf16"))
+        if "half" in variants and "bf16" in variants:
+            sets.append(("half", "bf16"))
         return sets
 
     varied = [impl for impl in impls if impl in variant_impls]
@@ -362,18 +367,32 @@ def _make_simulator(case: Case, device: Any) -> Any:
     import torch
     from loop_condconv import bound_simulator, loop_simulator, with_impl
 
-    from counterwarp.train.config import FitConfig
     from counterwarp.train.simulator import build_net
 
     torch.manual_seed(0)
-    net = build_net(FitConfig(), case.shape)  # the network `counterwarp fit` trains by default
-    if case.impl == "loop":
+    net = build_net(_fit_config(case), case.shape)  # the network `counterwarp fit` trains
+    if case.impl in ("loop", "paper"):
         net = loop_simulator(net)
     elif case.impl == "bound":
         net = bound_simulator(net)
     else:
         net = with_impl(net, case.impl)
     return net.to(device)
+
+
+def _fit_config(case: Case) -> Any:
+    """The FitConfig a case trains with: the product's defaults, the paper's settings for
+    ``paper``, the field at half resolution for ``half``, bf16 for ``bf16``."""
+    from counterwarp.train.config import FitConfig
+
+    settings: dict[str, Any] = {"batch_size": case.batch}
+    if case.impl == "paper":
+        return FitConfig(**settings, **PAPER_SETTINGS)
+    if "half" in case.options:
+        settings["field_downsize"] = 2
+    if "bf16" in case.options:
+        settings["precision"] = "bf16"
+    return FitConfig(**settings)
 
 
 def _memory_format(case: Case) -> Any:
@@ -397,14 +416,11 @@ def _setup_train(case: Case, device: Any) -> Callable[[], None]:
     import torch
 
     from counterwarp.nn.classifier import Classifier, classifier_logits, freeze
-    from counterwarp.train.config import FitConfig
     from counterwarp.train.simulator import to_training_layout
     from counterwarp.train.steps import LossTerms, train_step
 
     # joint schedule, the product's default; bf16 through fit's own precision setting
-    config = FitConfig(
-        batch_size=case.batch, precision="bf16" if "bf16" in case.options else "fp32"
-    )
+    config = _fit_config(case)
     net = _make_simulator(case, device)
     torch.manual_seed(1)
     classifier = freeze(Classifier(case.shape)).to(device)
@@ -467,8 +483,11 @@ def _setup_explain(case: Case, device: Any) -> Callable[[], None]:
 
     def explain_both() -> None:
         with mode(), _autocast(case, device):
-            for direction in ("inject", "remove"):
-                simulator.explain(image, direction)
+            if case.impl == "paper":  # the paper's code: one call per direction
+                for direction in ("inject", "remove"):
+                    simulator.explain(image, direction)
+            else:
+                simulator.explain_directions(image, ("inject", "remove"))
 
     return explain_both
 
@@ -718,6 +737,7 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
         return (r["kind"], tuple(r["shape"]), r["batch"])
 
     loops = {key(r): r for r in ok if r["impl"] == "loop" and not r["options"]}
+    papers = {key(r): r for r in ok if r["impl"] == "paper" and not r["options"]}
     eager = {
         (key(r), r["impl"], "bf16" in r["options"]): r
         for r in ok
@@ -741,9 +761,14 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
                 r["useful_gflops_per_s"] = round(loop["flops"] / r["median_s"] / 1e9, 3)
             if r is not loop:
                 speedups[r["name"]] = r["speedup_vs_loop"]
+        paper = papers.get(key(r))
+        if paper is not None and r["kind"] != "conv3d":
+            r["speedup_vs_paper"] = round(paper["median_s"] / r["median_s"], 3)
         conv = convs.get("bf16" in r["options"])
         if conv is not None and r.get("gflops_per_s") and conv.get("gflops_per_s"):
             r["fraction_of_conv3d"] = round(r["gflops_per_s"] / conv["gflops_per_s"], 4)
+            # roofline: the time the counted FLOPs take at the plain conv3d's rate
+            r["roofline_s"] = round(r["flops"] / (conv["gflops_per_s"] * 1e9), 4)
     return speedups
 
 
@@ -766,16 +791,17 @@ def markdown(report: dict[str, Any]) -> str:
         f"{'/'.join(map(str, threads)) or '?'}, device {m['device']}; load average at start "
         f"{m['load_average_start']}, at end {m.get('load_average_end')}.",
         "",
-        "| kind | size | batch | variant | median ms | volumes/s | speed-up vs loop "
-        "| peak MiB | GFLOP | GFLOP/s | useful GFLOP/s | % of conv3d |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| kind | size | batch | variant | median ms | volumes/s | speed-up vs paper "
+        "| speed-up vs loop | peak MiB | GFLOP | GFLOP/s | useful GFLOP/s | % of conv3d "
+        "| roofline ms |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["cases"]:
         size = "x".join(map(str, r["shape"]))
         if r.get("error"):
             lines.append(
                 f"| {r['kind']} | {size} | {r['batch']} | {r['variant']} | "
-                f"failed: {r['error'][:80]} |||||||||"
+                f"failed: {r['error'][:80]} |||||||||||"
             )
             continue
         share = r.get("fraction_of_conv3d")
@@ -783,10 +809,12 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(
             f"| {r['kind']} | {size} | {r['batch']} | {r['variant']} "
             f"| {_fmt(1e3 * r['median_s'])} | {_fmt(r['volumes_per_s'], 2)} "
+            f"| {_fmt(r.get('speedup_vs_paper'), 2)} "
             f"| {_fmt(r.get('speedup_vs_loop'), 2)} | {_fmt(memory)} "
             f"| {_fmt(r['flops'] / 1e9 if r.get('flops') else None, 2)} "
             f"| {_fmt(r.get('gflops_per_s'))} | {_fmt(r.get('useful_gflops_per_s'))} "
-            f"| {_fmt(100 * share if share is not None else None)} |"
+            f"| {_fmt(100 * share if share is not None else None)} "
+            f"| {_fmt(1e3 * r['roofline_s'] if r.get('roofline_s') else None)} |"
         )
     if report["warnings"]:
         lines += ["", *[f"Warning: {w}" for w in report["warnings"]]]
