@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One prepared check of counterwarp on a CUDA machine: the card, the test suite, the benchmarks.
+# One prepared check of counterwarp on a CUDA machine: the card, the test suite, the
+# benchmarks (the paper case beside the product's), one 64^3 fit to quality.
 #
 #   bash benchmarks/gpu_check.sh                 # on the GPU machine, from the repository root
 #   bash benchmarks/gpu_check.sh --fetch-wheels  # here, beforehand: wheels the GPU image lacks
@@ -10,9 +11,10 @@
 #   bench.txt       the benchmark logs (eager with bf16 variants, then torch.compile)
 #   <gpu>.json/.md  eager benchmark results (all impls, both sizes, bf16 variants)
 #   <gpu>-compile.json/.md  impl auto at 64^3 batch 4 training, eager vs compiled, fp32 and bf16
+#   time_to_quality.md  a 64^3 cohort, its classifier, fits of two variants scored over time
 #
 # Each part runs under `timeout` with its own budget (seconds, override by environment):
-#   TEST_BUDGET=200 BENCH_BUDGET=150 COMPILE_BUDGET=180   -> under 10 minutes in all.
+#   TEST_BUDGET=200 BENCH_BUDGET=120 COMPILE_BUDGET=90 TTQ_BUDGET=150 -> under 10 minutes.
 # A part that fails or runs out of time is reported and the next part still runs; the exit
 # status is that of the test suite (0 when it passed).
 #
@@ -47,8 +49,9 @@ fi
 OUT="${OUT:-$ROOT/benchmarks/results/gpu-check}"
 mkdir -p "$OUT"
 TEST_BUDGET="${TEST_BUDGET:-200}"
-BENCH_BUDGET="${BENCH_BUDGET:-150}"
-COMPILE_BUDGET="${COMPILE_BUDGET:-180}"
+BENCH_BUDGET="${BENCH_BUDGET:-120}"
+COMPILE_BUDGET="${COMPILE_BUDGET:-90}"
+TTQ_BUDGET="${TTQ_BUDGET:-150}"
 DEVICE="${DEVICE:-cuda}"
 read -r -a EXTRA <<< "${BENCH_ARGS:-}"
 export PYTHONUNBUFFERED=1
@@ -116,6 +119,14 @@ timeout -k 10 "$COMPILE_BUDGET" "$PY" benchmarks/run.py --device "$DEVICE" --imp
     --variants compile,bf16 --sizes 64:4 --no-explain --repeats 10 --warmup 2 --case-timeout 120 \
     --machine "$GPU_SLUG-compile" --out "$OUT" "${EXTRA[@]}" 2>&1 | tee -a "$OUT/bench.txt"
 echo "compiled benchmarks exit status $?" | tee -a "$OUT/bench.txt"
+
+echo "== 64^3 fit to quality (budget ${TTQ_BUDGET}s)" | tee -a "$OUT/bench.txt"
+TTQ_DIR="$(mktemp -d)"
+timeout -k 10 "$TTQ_BUDGET" "$PY" benchmarks/time_to_quality.py --out "$TTQ_DIR" \
+    --n 80 --shape 64 64 64 --epochs 5 --device "$DEVICE" --variants full,half+bf16 --seeds 0 \
+    --batch-size 8 --budget-s 40 --eval-every 10 2>&1 | tail -n 20 | tee -a "$OUT/bench.txt"
+cp "$TTQ_DIR/time_to_quality.md" "$OUT/" 2>/dev/null || echo "no time_to_quality.md"
+echo "time to quality exit status $?" | tee -a "$OUT/bench.txt"
 
 echo "== done: test suite exit status $TEST_STATUS; files in $OUT:"
 ls -l "$OUT"

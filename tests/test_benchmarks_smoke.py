@@ -170,3 +170,10 @@ def test_quick_run_writes_results(tmp_path: Path) -> None:
     # the bound does one ordinary convolution per layer: the same convolution work as the loop
     assert conv_flops("train 16^3 b2 bound") == conv_flops("train 16^3 b2 loop")
     assert "train 16^3 b2 auto+bf16" in cases
+    # the paper's configuration is measured in the same run, and every case against it
+    for kind, batch in (("train", 2), ("explain", 1)):
+        assert f"{kind} 16^3 b{batch} paper" in cases
+        assert cases[f"{kind} 16^3 b{batch} auto"]["speedup_vs_paper"] > 0
+        assert cases[f"{kind} 16^3 b{batch} auto"]["roofline_s"] > 0
+    # the field at half resolution leaves out the full-size decoder level and head
+    assert cases["train 16^3 b2 auto+half"]["flops"] < cases["train 16^3 b2 auto"]["flops"]
