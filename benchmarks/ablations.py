@@ -112,9 +112,13 @@ COLUMNS: tuple[tuple[str, str, float], ...] = (
 )
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Command-line flags (see the module docstring)."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+def cohort_parser(
+    description: str, *, n: int, dim: int, shape: list[int], epochs: int
+) -> argparse.ArgumentParser:
+    """A parser with the flags of the cohort and classifier a benchmark uses or makes
+    (``--out``, ``--data``, ``--run``, and ``--n`` ... ``--epochs`` for new ones, with
+    these defaults), ``--device`` and ``--progress``; :func:`prepare` reads them."""
+    p = argparse.ArgumentParser(description=description,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--data", type=Path, default=None,
@@ -122,15 +126,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--run", type=Path, default=None,
                    help="run folder with classifier.pt and split.json for --data "
                         "(default: train one in OUT/run)")
+    p.add_argument("--n", type=int, default=n, help="subjects of a new cohort")
+    p.add_argument("--dim", type=int, choices=(2, 3), default=dim, help="dims of a new cohort")
+    p.add_argument("--shape", type=int, nargs="+", default=shape,
+                   help=f"grid of a new cohort (default {' '.join(map(str, shape))})")
+    p.add_argument("--cohort-seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=epochs, help="epochs of a new classifier")
+    p.add_argument("--device", default=None)
+    p.add_argument("--progress", action="store_true", help="progress bars per fit")
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Command-line flags (see the module docstring)."""
+    p = cohort_parser(__doc__.split("\n\n")[0], n=160, dim=2, shape=[64, 64], epochs=20)
     p.add_argument("--arms", default="a,b,c,d,e",
                    help="ablations to run besides the default, comma-separated from a,b,c,d,e")
     p.add_argument("--seeds", type=int, default=3, help="seeds per configuration (>= 1)")
-    p.add_argument("--n", type=int, default=160, help="subjects of a new cohort")
-    p.add_argument("--dim", type=int, choices=(2, 3), default=2, help="dims of a new cohort")
-    p.add_argument("--shape", type=int, nargs="+", default=[64, 64],
-                   help="grid of a new cohort (default 64 64)")
-    p.add_argument("--cohort-seed", type=int, default=0)
-    p.add_argument("--epochs", type=int, default=20, help="epochs of a new classifier")
     p.add_argument("--steps", type=int, default=300, help="simulator steps per fit")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--channels", type=int, nargs="+", default=None,
@@ -139,11 +151,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--sigma", type=float, default=1.5, help="region scale, voxels")
     p.add_argument("--threshold", type=float, default=0.05, help="|truth| of changed voxels")
-    p.add_argument("--device", default=None)
-    p.add_argument("--progress", action="store_true", help="progress bars per fit")
     return p.parse_args(argv)
-
-
 
 
 def prepare(args: argparse.Namespace) -> tuple[Path, Path]:

@@ -58,7 +58,7 @@ from counterwarp.workflows.folder import (
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ablations import prepare  # noqa: E402  (a sibling script: the cohort and classifier)
+from ablations import cohort_parser, prepare  # noqa: E402  (a sibling script)
 
 #: name -> (what it is, FitConfig overrides on top of the product's defaults)
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -79,13 +79,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line flags (see the module docstring)."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, required=True, help="output folder")
-    p.add_argument("--data", type=Path, default=None,
-                   help="cohort from `counterwarp synth` (default: make one in OUT/cohort)")
-    p.add_argument("--run", type=Path, default=None,
-                   help="run folder with classifier.pt for --data (default: train one)")
+    p = cohort_parser(__doc__.split("\n\n")[0], n=200, dim=3, shape=[64, 64, 64], epochs=30)
     p.add_argument("--variants", default="full,default",
                    help=f"comma-separated, from {', '.join(VARIANTS)}")
     p.add_argument("--seeds", default="0,1", help="comma-separated fit seeds")
@@ -99,14 +93,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--target-moved", type=float, default=0.95)
     p.add_argument("--sigma", type=float, default=1.5,
                    help="region scale in voxels of a 32^3 grid (scaled with the grid)")
-    # a new cohort and classifier when --data / --run are not given
-    p.add_argument("--n", type=int, default=200)
-    p.add_argument("--dim", type=int, choices=(2, 3), default=3)
-    p.add_argument("--shape", type=int, nargs="+", default=[64, 64, 64])
-    p.add_argument("--cohort-seed", type=int, default=0)
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--device", default=None)
-    p.add_argument("--progress", action="store_true")
     args = p.parse_args(argv)
     unknown = sorted(set(args.variants.split(",")) - set(VARIANTS))
     if unknown:

@@ -6,6 +6,7 @@ No timing is asserted anywhere: the numbers depend on the machine and its load.
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -177,3 +178,29 @@ def test_quick_run_writes_results(tmp_path: Path) -> None:
         assert cases[f"{kind} 16^3 b{batch} auto"]["roofline_s"] > 0
     # the field at half resolution leaves out the full-size decoder level and head
     assert cases["train 16^3 b2 auto+half"]["flops"] < cases["train 16^3 b2 auto"]["flops"]
+
+
+def test_time_to_quality_scores_each_fit_over_training_time(tmp_path: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "time_to_quality.py"), "--out", str(tmp_path),
+         "--n", "24", "--shape", "16", "16", "16", "--epochs", "1", "--steps", "6",
+         "--budget-s", "60", "--eval-every", "0", "--variants", "full,half+bf16",
+         "--seeds", "0", "--batch-size", "4"],
+        env=env, capture_output=True, text=True, timeout=600, check=False,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads((tmp_path / "time_to_quality.json").read_text())
+    curves = {curve["variant"]: curve for curve in report["curves"]}
+    assert set(curves) == {"full", "half+bf16"}
+    assert curves["half+bf16"]["config"]["field_downsize"] == 2
+    for curve in curves.values():
+        points = curve["points"]
+        assert [p["step"] for p in points] == list(range(1, 7))  # scored after every step
+        times = [p["train_s"] for p in points]
+        assert times == sorted(times) and times[0] > 0
+        for point in points:
+            assert -1 <= point["region"] <= 1
+            for moved in (point["moved_inject"], point["moved_remove"]):  # nan: nobody to move
+                assert math.isnan(moved) or 0 <= moved <= 1
+    assert "| full | 0 |" in (tmp_path / "time_to_quality.md").read_text()
