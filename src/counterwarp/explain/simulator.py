@@ -16,10 +16,9 @@ from torch.utils.data import Dataset
 
 from counterwarp.errors import CounterwarpError
 from counterwarp.geometry.volume import folding_fraction, log_volume_change
-from counterwarp.geometry.warp import warp
 from counterwarp.losses import moved_by_margin
 from counterwarp.nn.classifier import classifier_logits, freeze
-from counterwarp.nn.simulator import DIRECTIONS, SimulatorNet, simulate
+from counterwarp.nn.simulator import DIRECTIONS, SimulatorNet, simulate, warp_by_field
 from counterwarp.train.config import FitConfig
 from counterwarp.train.simulator import fit_simulator
 from counterwarp.train.staging import save_torch_file
@@ -33,9 +32,8 @@ def _simulate_directions(
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
     """``{direction: (simulated, displacement, inverse or None)}`` of ``x`` (B, 1, *S).
 
-    An antisymmetric network's raw field for ``-c`` is exactly minus its field for ``c``,
-    so it runs once and the other direction negates the raw field. The geometry runs in
-    float32, as in :func:`~counterwarp.nn.simulator.simulate`.
+    An antisymmetric network's raw field is ``c * g(x)``, so it runs once and every other
+    direction rescales that field by its condition.
     """
     shared = bool(getattr(net, "config", {}).get("antisymmetric"))
     first: tuple[torch.Tensor, torch.Tensor] | None = None  # (condition, raw field)
@@ -44,11 +42,9 @@ def _simulate_directions(
         if shared and first is not None:
             raw = first[1] * (condition / first[0]).view(-1, *([1] * (x.ndim - 1)))
         else:
-            raw = net(x, condition).float()
+            raw = net(x, condition)
             first = first or (condition, raw)
-        with torch.autocast(device_type=raw.device.type, enabled=False):
-            displacement, inverse = net.displacements(raw)
-            out[direction] = (warp(x.float(), displacement), displacement, inverse)
+        out[direction] = warp_by_field(net, x, raw)
     return out
 
 

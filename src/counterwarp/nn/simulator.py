@@ -380,6 +380,18 @@ def simulate(
         None, raw field)``.
     """
     raw = net(images, condition)
-    with torch.autocast(device_type=raw.device.type, enabled=False):  # geometry in float32
-        displacement, inverse = net.displacements(raw.float())
-        return warp(images.float(), displacement), displacement, inverse, raw
+    return (*warp_by_field(net, images, raw), raw)
+
+
+def warp_by_field(
+    net: SimulatorNet, images: torch.Tensor, raw_field: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Warp ``images`` (B, 1, *S) by ``net``'s raw field ``(B, d, *S)`` (its forward's
+    output), in float32 even under autocast.
+
+    Returns:
+        ``(simulated (B, 1, *S), displacement (B, d, *S) in voxels, inverse or None)``.
+    """
+    with torch.autocast(device_type=raw_field.device.type, enabled=False):
+        displacement, inverse = net.displacements(raw_field.float())
+        return warp(images.float(), displacement), displacement, inverse
