@@ -125,8 +125,9 @@ TTQ_DIR="$(mktemp -d)"
 timeout -k 10 "$TTQ_BUDGET" "$PY" benchmarks/time_to_quality.py --out "$TTQ_DIR" \
     --n 80 --shape 64 64 64 --epochs 5 --device "$DEVICE" --variants full,half+bf16 --seeds 0 \
     --batch-size 8 --budget-s 40 --eval-every 10 2>&1 | tail -n 20 | tee -a "$OUT/bench.txt"
+TTQ_STATUS=$?
 cp "$TTQ_DIR/time_to_quality.md" "$OUT/" 2>/dev/null || echo "no time_to_quality.md"
-echo "time to quality exit status $?" | tee -a "$OUT/bench.txt"
+echo "time to quality exit status $TTQ_STATUS" | tee -a "$OUT/bench.txt"
 
 echo "== done: test suite exit status $TEST_STATUS; files in $OUT:"
 ls -l "$OUT"

@@ -44,7 +44,7 @@ import torch
 from counterwarp._io import write_json_atomic, write_text_atomic
 from counterwarp.data.truth import load_cohort_truth
 from counterwarp.errors import CounterwarpError
-from counterwarp.explain.assess import explain_in_batches
+from counterwarp.explain.assess import explain_directions_in_batches
 from counterwarp.explain.simulator import Simulator
 from counterwarp.nn.classifier import predict_in_batches
 from counterwarp.stats.scores import pearson, smooth
@@ -119,8 +119,10 @@ class Scorer:
         simulator.net_, simulator.classifier_, simulator.margin_ = net, self.classifier, margin
         was_training = net.training
         try:
-            inject = explain_in_batches(simulator, self.images, "inject", batch_size=8)
-            remove = explain_in_batches(simulator, self.images, "remove", batch_size=8)
+            explained = explain_directions_in_batches(
+                simulator, self.images, ("inject", "remove"), batch_size=8
+            )
+            inject, remove = explained["inject"], explained["remove"]
         finally:
             net.train(was_training)
         diseased = inject.logit_before > 0

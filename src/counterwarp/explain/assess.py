@@ -17,17 +17,28 @@ def explain_in_batches(
     simulator: Simulator, images: torch.Tensor, direction: str, batch_size: int = 16
 ) -> Explanation:
     """``simulator.explain`` over (N, 1, *S) images in chunks; one concatenated Explanation."""
+    return explain_directions_in_batches(simulator, images, (direction,), batch_size)[direction]
+
+
+def explain_directions_in_batches(
+    simulator: Simulator, images: torch.Tensor, directions: tuple[str, ...],
+    batch_size: int = 16,
+) -> dict[str, Explanation]:
+    """``simulator.explain_directions`` over (N, 1, *S) images in chunks:
+    ``{direction: one concatenated Explanation}``."""
     parts = [
-        simulator.explain(images[i : i + batch_size], direction)
+        simulator.explain_directions(images[i : i + batch_size], directions)
         for i in range(0, images.shape[0], batch_size)
     ]
-    first = parts[0]
-    merged = {
-        name: torch.cat([getattr(p, name) for p in parts])
-        for name in ("image", "simulated", "displacement", "log_volume_change", "logit_before",
-                     "logit_after", "moved", "folding")
+    names = ("image", "simulated", "displacement", "log_volume_change", "logit_before",
+             "logit_after", "moved", "folding")
+    return {
+        direction: Explanation(
+            direction=direction, margin=parts[0][direction].margin,
+            **{name: torch.cat([getattr(p[direction], name) for p in parts]) for name in names},
+        )
+        for direction in directions
     }
-    return Explanation(direction=direction, margin=first.margin, **merged)
 
 
 def _share(values: torch.Tensor) -> float | None:
@@ -55,8 +66,8 @@ def assess_simulator(
     Returns:
         A JSON-able dict (see keys below; shares are in [0, 1]).
     """
-    remove = explain_in_batches(simulator, images, "remove")
-    inject = explain_in_batches(simulator, images, "inject")
+    explained = explain_directions_in_batches(simulator, images, ("remove", "inject"))
+    remove, inject = explained["remove"], explained["inject"]
     predicted_diseased = remove.logit_before > 0
     brain = images[:, 0] != 0
     variance = float(images[:, 0][brain].var())
