@@ -132,7 +132,9 @@ def test_run_benchmark_writes_all_outputs(cohort_and_run, tmp_path):
 
     sensitivity = payload["classifier_region_sensitivity"]
     assert [row["region"] for row in sensitivity][0] == "all regions"
-    assert len(sensitivity) == 1 + 4  # all, then each default region
+    assert len(sensitivity) == 1 + 4 + 2  # all, each default region, age, brain outline
+    assert sensitivity[5]["region"].startswith("age confound (+4 years")
+    assert sensitivity[6]["region"].startswith("brain outline")
     markdown = (out / "results.md").read_text()
     assert "## What the classifier reads" in markdown
     assert "| method | sign used | group Pearson |" in markdown
@@ -173,6 +175,37 @@ def test_region_sensitivity_finds_the_region_a_classifier_reads(cohort_and_run):
     # a cohort on another grid than the images: no probe, no error
     assert classifier_region_sensitivity(
         ReadsVentricles().eval(), images[:, :, :16, :16], labels, cohort) is None
+
+
+def test_region_sensitivity_measures_the_age_confound_and_the_brain_outline(cohort_and_run):
+    """A hand-made classifier that reads brain size (the brain's total |intensity|; less
+    brain = more diseased). Any warp blurs by interpolation and lowers that total in both
+    directions alike, so the geometric part is the difference of the two shifts: the older
+    brain's shrinking outline (inject) raises the logit more than undoing it (remove) does,
+    while the ventricles, inside the brain, do not act that way."""
+    from counterwarp.explain.sensitivity import classifier_region_sensitivity
+    from counterwarp.workflows.folder import load_images, rows_in_split
+
+    cohort, run = cohort_and_run
+
+    class ReadsBrainSize(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return -x[:, 0].abs().sum((1, 2)) / 10.0
+
+    rows = rows_in_split(run, cohort / "manifest.csv", "train+val+test")
+    images, labels = load_images(rows, (32, 32), progress=False)
+    table = {r["region"]: r for r in classifier_region_sensitivity(
+        ReadsBrainSize().eval(), images, labels, cohort)}
+
+    def geometric(row: dict) -> float:
+        return row["inject_logit_shift"] - row["remove_logit_shift"]
+
+    outline = next(r for name, r in table.items() if name.startswith("brain outline"))
+    age = next(r for name, r in table.items() if name.startswith("age confound"))
+    assert outline["inject_logit_shift"] > 0.2
+    assert geometric(outline) > 0.3
+    assert geometric(age) > 0.3
+    assert geometric(table["left_lateral_ventricle"]) < geometric(outline) - 0.3
 
 
 def test_run_benchmark_simulator_only(cohort_and_run, tmp_path):

@@ -76,8 +76,9 @@ def test_group_maps_find_the_known_effect(known_effect, tmp_path):
     np.testing.assert_allclose(mean, known_effect["maps"].mean(0), atol=1e-6)
     p = np.asarray(nib.load(out / "group_inject_p.nii.gz").get_fdata())
     assert p.min() >= 0 and p.max() <= 1 and p[region].max() < 1e-3
-    for name in ("mean.png", "mean_fdr.png", "README.txt", "summary.json", "brain_mask.nii.gz",
-                 "subjects.nii.gz"):
+    for name in ("mean.png", "mean_significant.png", "README.txt", "summary.json",
+                 "brain_mask.nii.gz", "subjects.nii.gz", "effect_size.nii.gz",
+                 "fwe_tfce_mask.nii.gz"):
         assert (out / f"group_inject_{name}").is_file(), name
     assert nib.load(out / "group_inject_subjects.nii.gz").shape == (*SHAPE, 10)
     assert "registered" in (out / "group_inject_README.txt").read_text()

@@ -97,6 +97,22 @@ def _cmd_fit(args: argparse.Namespace) -> None:
         f"{final.get('moved_share', 0):.2f}"
     )
     print(f"wrote {Path(args.run) / 'simulator.pt'}, simulator_fit.json, simulator_log.csv")
+    if args.ensemble > 1:
+        args.members, args.out, args.steps = args.ensemble, None, None
+        args.atlas = args.atlas_names = None
+        _cmd_ensemble(args)
+
+
+def _cmd_ensemble(args: argparse.Namespace) -> None:
+    from counterwarp.workflows.ensemble import ensemble_run
+
+    result = ensemble_run(args.run, args.out, members=args.members, manifest=args.manifest,
+                          steps=args.steps, atlas=args.atlas, atlas_names=args.atlas_names)
+    for direction, part in result["directions"].items():
+        print(f"ensemble {direction}: {result['members']} seeds, seed-to-seed agreement "
+              f"{part['agreement_mean']:.3f} (min {part['agreement_min']:.3f})")
+    out = args.out or Path(args.run) / "ensemble"
+    print(f"wrote ensemble_<direction>_{{mean,spread}}.nii.gz, ensemble.md to {out}")
 
 
 def _cmd_explain(args: argparse.Namespace) -> None:
@@ -143,6 +159,30 @@ def _cmd_benchmark(args: argparse.Namespace) -> None:
     print(f"benchmark: {result['n_test']} held-out subjects ({result['n_test_diseased']} "
           f"diseased) x {len(result['methods'])} methods")
     print(f"wrote results.csv, results.json, results.md, methods_figure.png to {Path(args.out)}")
+    if args.sanity:
+        args.out = Path(args.out) / "sanity"
+        args.manifest = Path(args.data) / "manifest.csv"
+        args.saliency = args.methods
+        _cmd_sanity(args)
+
+
+def _cmd_sanity(args: argparse.Namespace) -> None:
+    from counterwarp.workflows.sanity import sanity_run
+
+    result = sanity_run(
+        args.run, args.out, manifest=args.manifest, methods=args.saliency,
+        max_images=args.max_images, simulator_stages=args.simulator_stages,
+        simulator_steps=args.simulator_steps, seed_control=not args.no_seed_control,
+        oracle=not args.no_oracle, oracle_epochs=args.oracle_epochs,
+        compare_run=args.compare_run, seed=args.seed,
+    )
+    last = [r for r in result["randomisation"] if r["stage"] == 1]
+    for row in last:
+        print(f"sanity: last block randomised, {row['method']}: agreement "
+              f"{row['agreement_spearman']:.3f} (per image), "
+              f"{row['agreement_group_pearson']:.3f} (group)")
+    print(f"wrote sanity.md, sanity.json, sanity_randomisation.csv, randomisation.png "
+          f"to {Path(args.out)}")
 
 
 def _cmd_group(args: argparse.Namespace) -> None:
@@ -154,10 +194,17 @@ def _cmd_group(args: argparse.Namespace) -> None:
             args.run, args.out, direction=direction, maps_dir=args.maps,
             manifest=args.manifest, split=args.split, subset=args.subjects, atlas=args.atlas,
             atlas_names=args.atlas_names, mask=args.mask, q=args.q,
+            valid_only=not args.all_explanations, permutations=args.permutations,
+            seed=args.seed,
         )
-        print(f"group {direction}: {summary['n_subjects']} maps in {summary['space']}; "
-              f"{summary['n_fdr_voxels']} of {summary['n_brain_voxels']} voxels survive FDR "
-              f"q={summary['q']:g}")
+        left_out = (f" ({summary['n_invalid']} invalid explanations left out)"
+                    if summary.get("n_invalid") and not summary.get("invalid_included") else "")
+        fwe = summary.get("permutation") or {}
+        tested = (f"; {fwe['n_fwe_voxels_tfce']} survive FWE p<{fwe['alpha']:g} (TFCE), "
+                  f"{fwe['n_fwe_voxels_t']} (max-t)" if fwe.get("tested") else "")
+        print(f"group {direction}: {summary['n_subjects']} {summary['subjects']} subjects"
+              f"{left_out} in {summary['space']}; {summary['n_fdr_voxels']} of "
+              f"{summary['n_brain_voxels']} voxels survive FDR q={summary['q']:g}{tested}")
     print(f"wrote group_<direction>_{{mean,t,p,fdr_mask}}.nii.gz, PNGs, README to {args.out}")
 
 

@@ -9,12 +9,14 @@ from pathlib import Path
 from counterwarp.cli.commands import (
     _cmd_benchmark,
     _cmd_demo,
+    _cmd_ensemble,
     _cmd_explain,
     _cmd_fit,
     _cmd_group,
     _cmd_prepare,
     _cmd_report,
     _cmd_saliency,
+    _cmd_sanity,
     _cmd_synth,
     _cmd_train_classifier,
 )
@@ -81,6 +83,8 @@ EXAMPLES: dict[str, str] = {
                 "--method gradient,occlusion --out run/saliency",
     "benchmark": "counterwarp benchmark --data cohort --run run --out run/benchmark",
     "group": "counterwarp group --run run --direction both --out run/group",
+    "sanity": "counterwarp sanity --run run --out run/sanity",
+    "ensemble": "counterwarp ensemble --run run --members 3",
     "report": "counterwarp report --run run",
     "prepare": "counterwarp prepare --input bids/ --label-column diagnosis --out prepared",
     "demo": "counterwarp demo --out runs/demo",
@@ -107,6 +111,32 @@ def _classifier_options(p: argparse.ArgumentParser, fit: bool = False) -> None:
     p.add_argument("--contract", type=Path, default=None, metavar="FILE",
                    help="JSON input contract of --classifier: input_shape, channels, "
                         "intensity, orientation, output, class_index, unit, positive_label")
+
+
+def _sanity_options(p: argparse.ArgumentParser, own_command: bool = True) -> None:
+    """The options of ``sanity`` (``benchmark --sanity`` takes them too, but its images
+    and saliency methods are the benchmark's)."""
+    if own_command:
+        p.add_argument("--manifest", type=Path, default=None,
+                       help="images (default: the manifest in RUN/split.json)")
+        p.add_argument("--saliency", default="all", metavar="METHODS",
+                       help="saliency methods to randomise, comma-separated, or 'all'")
+        p.add_argument("--seed", type=int, default=0,
+                       help="seed of the randomisation, the refits and the oracle")
+    p.add_argument("--max-images", type=int, default=16,
+                   help="held-out images explained (healthy and diseased alternating)")
+    p.add_argument("--simulator-stages", type=int, default=1,
+                   help="cascading stages that get a simulator refit (one fit each)")
+    p.add_argument("--simulator-steps", type=int, default=None,
+                   help="steps of each refit (default: the run's own)")
+    p.add_argument("--no-seed-control", action="store_true",
+                   help="skip the refit for the trained classifier with another seed")
+    p.add_argument("--no-oracle", action="store_true",
+                   help="skip the independent oracle classifier")
+    p.add_argument("--oracle-epochs", type=int, default=20, help="oracle training epochs")
+    p.add_argument("--compare-run", type=Path, default=None,
+                   help="another run on the same grid (e.g. trained on another effect) "
+                        "whose maps should differ")
 
 
 def _device_option(p: argparse.ArgumentParser) -> None:
@@ -176,6 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which parts of RUN/split.json to train on (train, val, test joined "
                         "with '+', or all)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    p.add_argument("--ensemble", type=int, default=1, metavar="K",
+                   help="then fit K - 1 more simulators (seeds seed+1, ...) and write the "
+                        "ensemble's mean and spread maps and seed-to-seed agreement to "
+                        "RUN/ensemble")
     _classifier_options(p, fit=True)
     _add_fit_options(p)
     _device_option(p)
@@ -234,11 +268,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sigma", type=float, default=1.5,
                    help="region-scale smoothing, in voxels")
     p.add_argument("--seed", type=int, default=0, help="seeds SmoothGrad's noise")
+    p.add_argument("--sanity", action="store_true",
+                   help="also run `counterwarp sanity` on the run, into OUT/sanity "
+                        "(the --max-images ... --compare-run options are its)")
+    _sanity_options(p, own_command=False)
     _classifier_options(p)
     _device_option(p)
     p.set_defaults(func=_cmd_benchmark)
 
-    p = _command(sub, "group", "group maps: mean, one-sample t, FDR mask, region table")
+    p = _command(sub, "ensemble", "fit more simulators with other seeds: mean and spread "
+                                  "maps, per-region intervals, seed-to-seed agreement")
+    p.add_argument("--run", required=True, type=Path, help="a fitted run folder (member 0)")
+    p.add_argument("--members", type=int, default=3, help="ensemble size K")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default RUN/ensemble)")
+    p.add_argument("--manifest", type=Path, default=None,
+                   help="images (default: the manifest in RUN/split.json)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="training steps of the new members (default: the run's)")
+    p.add_argument("--atlas", type=Path, default=None,
+                   help="label image for the region table (default: a synthetic cohort's "
+                        "effect regions)")
+    p.add_argument("--atlas-names", type=Path, default=None, help="CSV with label,name")
+    p.set_defaults(func=_cmd_ensemble)
+
+    p = _command(sub, "sanity", "sanity checks: cascading classifier randomisation, seed "
+                                "control, an independent oracle classifier")
+    p.add_argument("--run", required=True, type=Path,
+                   help="run folder with a classifier and a fitted simulator")
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    _sanity_options(p)
+    p.set_defaults(func=_cmd_sanity)
+
+    p = _command(sub, "group", "group maps: mean, effect size, permutation FWE test, "
+                 "FDR, region table with bootstrap intervals")
     p.add_argument("--run", type=Path, default=None, help="run folder (not needed with --maps)")
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--direction", choices=("inject", "remove", "both"), default="inject",
@@ -248,8 +310,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--manifest", type=Path, default=None,
                    help="images to map (default: the one in RUN/split.json)")
     p.add_argument("--split", default="test", help="part of the split to map")
-    p.add_argument("--subjects", choices=("all", "healthy", "diseased"), default="all",
-                   help="which subjects enter the group maps")
+    p.add_argument("--subjects", choices=("auto", "all", "healthy", "diseased"),
+                   default="auto", help="which subjects enter the group maps (auto: healthy "
+                   "for inject, diseased for remove)")
+    p.add_argument("--all-explanations", action="store_true",
+                   help="also map invalid explanations (not moved past the margin, or folding)")
+    p.add_argument("--permutations", type=int, default=1000,
+                   help="sign flips of the FWE permutation test (and bootstrap resamples of "
+                        "the region intervals); 0 skips them")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sign flips and bootstrap")
     p.add_argument("--atlas", type=Path, default=None,
                    help="label image for the region table (0 = no region)")
     p.add_argument("--atlas-names", type=Path, default=None, help="CSV with label,name")

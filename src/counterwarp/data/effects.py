@@ -223,7 +223,15 @@ def default_effect_spec() -> EffectSpec:
 def load_effect_spec(
     spec: EffectSpec | Mapping[str, Any] | str | os.PathLike[str] | None,
 ) -> EffectSpec:
-    """Return an :class:`EffectSpec` from None (the default), a spec, a dict or a JSON path."""
+    """Return an :class:`EffectSpec` from None (the default), a spec, a dict, a JSON path or
+    a built-in name.
+
+    A string or path that names an existing file is read as JSON. One that does not, but
+    equals the name of a built-in spec (see
+    :func:`counterwarp.data.effect_library.builtin_effect_names`, e.g. ``"asymmetric"``),
+    gives that built-in. Anything else is a missing file: the error names it and lists the
+    built-in names.
+    """
     if spec is None:
         return default_effect_spec()
     if isinstance(spec, EffectSpec):
@@ -231,9 +239,26 @@ def load_effect_spec(
     if isinstance(spec, Mapping):
         return EffectSpec.from_dict(spec)
     if isinstance(spec, (str, os.PathLike)):
-        return EffectSpec.from_json(spec)
+        from counterwarp.data.effect_library import (  # lazy: effect_library imports us
+            builtin_effect_names,
+            builtin_effect_spec,
+        )
+
+        path = Path(spec)
+        if path.exists():
+            return EffectSpec.from_json(path)
+        if os.fspath(spec) in builtin_effect_names():
+            return builtin_effect_spec(os.fspath(spec))
+        try:
+            return EffectSpec.from_json(path)
+        except CounterwarpError as error:
+            raise CounterwarpError(
+                f"{error}; not a built-in effect spec either (built-in: "
+                f"{', '.join(builtin_effect_names())})"
+            ) from error
     raise CounterwarpError(
-        f"effect_spec must be None, an EffectSpec or a path to a JSON file, got {spec!r}"
+        "effect_spec must be None, an EffectSpec, a path to a JSON file or a built-in name, "
+        f"got {spec!r}"
     )
 
 

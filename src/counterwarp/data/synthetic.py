@@ -188,15 +188,28 @@ def _check_arguments(
 
 def _age_velocity(age: float, grid: SyntheticGrid, brain_centre_mm: np.ndarray) -> np.ndarray:
     """Velocity ``(d, *shape)`` of the age confound: global shrinkage + ventricle growth."""
-    years = max(0.0, age - AGE_RANGE[0])
-    mm = grid.mm_coordinates()
+    return age_confound_velocity(max(0.0, age - AGE_RANGE[0]), grid, brain_centre_mm)
+
+
+def age_confound_velocity(
+    years: float, grid: SyntheticGrid, brain_centre_mm: np.ndarray, ventricles: bool = True
+) -> np.ndarray:
+    """Velocity ``(d, *shape)`` (voxels) of ``years`` of the age confound.
+
+    The whole brain shrinks about ``brain_centre_mm`` (its outline moves inwards) by
+    ``AGE_BRAIN_LVC_PER_YEAR`` per year and, with ``ventricles``, the lateral ventricles
+    grow by ``AGE_VENTRICLE_LVC_PER_YEAR`` per year. Linear in ``years`` (negative years
+    undo it).
+    """
     velocity = scaling_velocity(
         brain_centre_mm, np.ones(grid.shape), AGE_BRAIN_LVC_PER_YEAR * years, grid
     )
-    for region in default_effect_spec().regions[:2]:  # the lateral ventricles
-        weight = bump(normalised_radius(region, mm))
-        lvc = AGE_VENTRICLE_LVC_PER_YEAR * years
-        velocity += scaling_velocity(region.center_mm, weight, lvc, grid)
+    if ventricles:
+        mm = grid.mm_coordinates()
+        for region in default_effect_spec().regions[:2]:  # the lateral ventricles
+            weight = bump(normalised_radius(region, mm))
+            lvc = AGE_VENTRICLE_LVC_PER_YEAR * years
+            velocity += scaling_velocity(region.center_mm, weight, lvc, grid)
     return velocity
 
 

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from counterwarp.data.effects import EffectSpec, effect_deformation
+from counterwarp.data.effects import EffectSpec, effect_deformation, integrate_velocity_array
+from counterwarp.data.synthetic import age_confound_velocity
 from counterwarp.data.template import make_grid
 from counterwarp.data.truth import COHORT_NAME
 from counterwarp.errors import CounterwarpError
@@ -41,6 +42,13 @@ def classifier_region_sensitivity(
     its exact inverse to the diseased ones ("remove"), and the mean logit shift is recorded.
     A region whose effect does not move the logit is one the classifier ignores, so no
     faithful explanation of *this classifier* can show it.
+
+    Two more rows probe what is not the disease: the age confound over the difference of
+    the groups' mean ages (the diseased are older: the whole brain shrinks a little, its
+    outline moves inwards, and the ventricles grow), and the brain outline alone (the
+    whole-brain shrinkage without the ventricles). A classifier that reads them can be
+    explained by changes outside the disease's regions, e.g. at the frontal and occipital
+    poles.
 
     Args:
         classifier: frozen, eval mode; maps (B, 1, *S) to logits.
@@ -87,4 +95,20 @@ def classifier_region_sensitivity(
                 diseased, effect_deformation(part, grid, -strength)[0]
             ),
         })
+    settings = cohort.get("settings") or {}
+    years = float(settings.get("age_mean_diseased", 0.0)) - float(
+        settings.get("age_mean_healthy", 0.0))
+    if years > 0:
+        centre = grid.voxels_to_mm(
+            np.argwhere(images[:, 0].numpy().mean(0) != 0).mean(axis=0).reshape(-1, 1))[:, 0]
+        for name, ventricles in ((f"age confound (+{years:g} years)", True),
+                                 (f"brain outline (whole-brain shrinkage of +{years:g} years)",
+                                  False)):
+            rows.append({
+                "region": name,
+                "inject_logit_shift": mean_shift(healthy, integrate_velocity_array(
+                    age_confound_velocity(years, grid, centre, ventricles))),
+                "remove_logit_shift": mean_shift(diseased, integrate_velocity_array(
+                    age_confound_velocity(-years, grid, centre, ventricles))),
+            })
     return rows

@@ -76,6 +76,14 @@ class Explanation:
     folding: torch.Tensor
     margin: float
 
+    @property
+    def valid(self) -> torch.Tensor:
+        """(B,) bool: moved past the margin and folding nowhere
+        (:mod:`counterwarp.explain.validity`)."""
+        from counterwarp.explain.validity import valid_explanations
+
+        return torch.from_numpy(valid_explanations(self.moved, self.folding))
+
 
 def _as_image_tensor(data: Any) -> torch.Tensor:
     """Turn a tensor (N, 1, *S) or a Dataset of (image, label) into an (N, 1, *S) tensor."""

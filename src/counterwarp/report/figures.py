@@ -68,6 +68,7 @@ def draw_explanation(
     cut_coords: tuple[float, ...] | None = None,
     limit: float | None = None,
     title: str = "",
+    invalid: str = "",
 ) -> Drawing:
     """Original, simulated, their difference and the volume change over the original.
 
@@ -78,13 +79,18 @@ def draw_explanation(
         affine: ``(4, 4)`` voxel-to-world matrix of the grid (mm).
         cut_coords: world cuts (mm); default :func:`subject_cut_coords` of ``image``.
         title: figure title.
+        invalid: why the explanation is not valid (:mod:`counterwarp.explain.validity`);
+            when given, the title says "NOT VALID" and the reason, in red.
     """
     image = np.asarray(image, np.float64)
     check_shapes(image, {"simulated": simulated, "log_volume_change": log_volume_change},
                   "explanation_panel")
     cuts = resolve_cuts(image, affine, cut_coords)
     gray = anatomy_range(image)
-    figure, rects = layout(4, image.ndim, title)
+    if invalid:
+        title = f"NOT VALID ({invalid}): {title}"
+    figure, rects = layout(4, image.ndim, title,
+                           title_color="#ff5555" if invalid else "white")
     drawing = Drawing(figure, cut_coords=cuts)
     simulated = np.asarray(simulated, np.float64)
     rows: list[tuple[str, np.ndarray, np.ndarray | None, ColourScale | None]] = [
@@ -114,10 +120,12 @@ def explanation_panel(
     cut_coords: tuple[float, ...] | None = None,
     limit: float | None = None,
     dpi: int = 90,
+    invalid: str = "",
 ) -> Path:
     """Write the PNG of :func:`draw_explanation` (same arguments) to ``path``."""
     drawing = draw_explanation(image, simulated, log_volume_change, affine=affine,
-                               cut_coords=cut_coords, limit=limit, title=title)
+                               cut_coords=cut_coords, limit=limit, title=title,
+                               invalid=invalid)
     return drawing.save(path, dpi)
 
 

@@ -27,19 +27,20 @@ from typing import Any
 from counterwarp._io import write_text_atomic
 from counterwarp.data.truth import COHORT_NAME
 from counterwarp.errors import CounterwarpError
+from counterwarp.report.group_section import group_section
+from counterwarp.report.markup import DIRECTION_WORDS, markdown_to_html, read_json
 from counterwarp.report.markup import escape as _e
 from counterwarp.report.markup import figure_uri as _figure_uri
 from counterwarp.report.markup import format_cell as _fmt
 from counterwarp.report.markup import image as _image
 from counterwarp.report.markup import image_file as _image_file
-from counterwarp.report.markup import markdown_to_html, read_json
 from counterwarp.report.markup import note as _note
+from counterwarp.report.markup import parse_number as _number
 from counterwarp.report.markup import read_csv as _read_csv
 from counterwarp.report.markup import table as _table
 
 __all__ = ["ReportInputs", "guarded_note", "render_report"]
 
-DIRECTION_WORDS = {"remove": "remove (healthier)", "inject": "inject (more diseased)"}
 
 _CSS = """
 body { font-family: -apple-system, 'Segoe UI', Helvetica, Arial, sans-serif; margin: 0;
@@ -215,63 +216,7 @@ def _simulator_section(ctx: ReportInputs) -> str:
 
 
 def _group_section(ctx: ReportInputs) -> str:
-    folder = ctx.group_dir
-    parts: list[str] = [
-        "<p>Mean log volume change of the held-out subjects per direction, shown as percent "
-        "volume change (red: the anatomy grows, blue: it shrinks), over the mean anatomy; "
-        "right: only voxels where Benjamini-Hochberg FDR keeps the one-sample t test.</p>"
-    ]
-    for direction in ("inject", "remove"):
-        if direction in ctx.group_errors:
-            error = ctx.group_errors[direction]
-            parts.append(_note(f"group maps ({direction}) could not be computed: {error}"))
-            continue
-        summary = read_json(folder / f"group_{direction}_summary.json")
-        if summary is None:
-            parts.append(_note(
-                f"no group maps for {direction}: simulator not fitted yet" if not
-                ctx.has_simulator else f"no group maps for {direction} in {folder}"
-            ))
-            continue
-        parts.append(f"<h3>{_e(DIRECTION_WORDS[direction])}</h3>")
-        parts.append(
-            f"<p>{_e(summary.get('n_subjects'))} subjects; space: {_e(summary.get('space'))}. "
-            f"{_e(summary.get('n_fdr_voxels'))} of {_e(summary.get('n_brain_voxels'))} brain "
-            f"voxels survive FDR q = {_e(summary.get('q'))} "
-            f"({_e(summary.get('n_fdr_voxels_positive'))} growing, "
-            f"{_e(summary.get('n_fdr_voxels_negative'))} shrinking).</p>"
-        )
-        figures = [folder / f"group_{direction}_mean.png",
-                   folder / f"group_{direction}_mean_fdr.png"]
-        shown = [
-            _image_file(path, f"group {direction} map", caption)
-            for path, caption in zip(figures, ("mean", "FDR-significant voxels"), strict=True)
-            if path.is_file()
-        ]
-        parts.append('<div class="row">' + "".join(shown) + "</div>" if shown
-                     else _note("group figures missing"))
-        regions = _read_csv(folder / f"group_{direction}_regions.csv")
-        if regions:
-            keys = ["name", "mean_log_volume_change", "percent_volume_change", "n_voxels", "t",
-                    "p"]
-            rows = [[_number(row.get(k, "")) for k in keys] for row in regions]
-            parts.append("<p>Mean per region, sorted by |effect| ('outside' = brain voxels in "
-                         "no region):</p>")
-            parts.append(_table(keys, rows))
-    parts.append(f'<p class="muted">NIfTI maps (mean, t, p, FDR mask) in {_e(folder)}</p>')
-    return "\n".join(parts)
-
-
-def _number(text: str) -> Any:
-    """A CSV cell as int / float when it is one, else the text."""
-    try:
-        return int(text)
-    except ValueError:
-        pass
-    try:
-        return float(text)
-    except ValueError:
-        return text
+    return group_section(ctx.group_dir, ctx.group_errors, ctx.has_simulator)
 
 
 def _subjects_section(ctx: ReportInputs) -> str:
@@ -298,7 +243,9 @@ def _subjects_section(ctx: ReportInputs) -> str:
     parts.append(
         "<p>Each panel: original, simulated, their difference and the volume change of the "
         "anatomy (percent, red grows, blue shrinks). Saliency maps (magnitude, no sign) "
-        "beside them.</p>"
+        "beside them. An explanation is valid when the logit moved past the margin and the "
+        "warp folds nowhere; invalid ones are marked NOT VALID and left out of group "
+        "maps.</p>"
     )
     for item, id_ in zip(chosen, ids, strict=True):
         prefix = derivative_id(id_)  # the id of explain's outputs and summary rows
@@ -311,18 +258,19 @@ def _subjects_section(ctx: ReportInputs) -> str:
             if row:
                 rows.append([direction, _number(row.get("logit_before", "")),
                              _number(row.get("logit_after", "")),
-                             row.get("moved_by_margin", ""),
+                             row.get("moved_by_margin", ""), row.get("valid", ""),
                              _number(row.get("mean_abs_log_volume_change", ""))])
         if rows:
             parts.append(_table(["direction", "logit before", "logit after", "moved past margin",
-                                 "mean |log volume change|"], rows))
+                                 "valid", "mean |log volume change|"], rows))
         figures = []
         if explain_dir is not None:
             for direction in ("remove", "inject"):
                 path = explain_dir / output_name(prefix, direction, "panel")
+                invalid = (summary.get((prefix, direction)) or {}).get("valid") == "False"
                 if path.is_file():
-                    figures.append(_image_file(path, f"{id_} {direction}",
-                                               DIRECTION_WORDS[direction]))
+                    figures.append(_image_file(path, f"{id_} {direction}", (
+                        "NOT VALID: " if invalid else "") + DIRECTION_WORDS[direction]))
         if saliency_dir is not None and (saliency_dir / f"{id_}_saliency.png").is_file():
             figures.append(_image_file(saliency_dir / f"{id_}_saliency.png",
                                        f"{id_} saliency", "saliency baselines"))
@@ -346,16 +294,33 @@ def _subjects_section(ctx: ReportInputs) -> str:
     return "\n".join(parts)
 
 
+def _markdown_part(folders: list[Path], name: str, figures: tuple[str, ...]) -> str:
+    """The tables (``name``) and figures of the first folder that has them, or ""."""
+    for folder in folders:
+        if (folder / name).is_file():
+            shown = "".join(_image_file(folder / f, f, f.removesuffix(".png"))
+                            for f in figures if (folder / f).is_file())
+            return (markdown_to_html((folder / name).read_text(encoding="utf-8"))
+                    + f'<div class="row">{shown}</div>'
+                    + f'<p class="muted">from {_e(folder)}</p>')
+    return ""
+
+
 def _benchmark_section(ctx: ReportInputs) -> str:
     path = ctx.benchmark
+    sanity = _markdown_part([ctx.run / "sanity"] + ([path.parent / "sanity"] if path else []),
+                            "sanity.md", ("randomisation.png",))
+    sanity += _markdown_part([ctx.run / "ensemble"], "ensemble.md", (
+        "ensemble_inject_mean.png", "ensemble_inject_spread.png"))
     if path is not None and path.is_file():
         text = path.read_text(encoding="utf-8", errors="replace")
         figure = path.parent / "methods_figure.png"
         extra = (_image_file(figure, "benchmark methods figure", "methods vs the truth")
                  if figure.is_file() else "")
         return (markdown_to_html(text) + extra
-                + f'<p class="muted">from {_e(path)}</p>')
-    return _note("no benchmark results yet (run `counterwarp benchmark`; it writes results.md)")
+                + f'<p class="muted">from {_e(path)}</p>' + sanity)
+    return _note("no benchmark results yet (run `counterwarp benchmark`; it writes "
+                 "results.md)") + sanity
 
 
 def guarded_note(title: str, build: Callable[[], object]) -> str | None:
@@ -421,8 +386,9 @@ def render_report(ctx: ReportInputs, target: str | Path) -> Path:
 <p class="muted">{nav}</p>
 {chr(10).join(sections)}
 <p class="muted">Volume change is the log volume change of the anatomy under the simulated
-deformation (growth positive), shown as percent: 100 (exp(x) - 1). Group maps are voxel-wise
-one-sample t tests with Benjamini-Hochberg FDR control.</p>
+deformation (growth positive), shown as percent: 100 (exp(x) - 1). Group maps are tested by
+sign flipping with family-wise error control (TFCE); the test is of the explanation's
+consistency across subjects.</p>
 </main>
 </body>
 </html>

@@ -24,7 +24,7 @@ _CELL = (3.4, 3.0)  # inches of one 2D panel
 
 
 def layout(
-    n: int, ndim: int, title: str, columns_2d: int = 5
+    n: int, ndim: int, title: str, columns_2d: int = 5, title_color: str = "white"
 ) -> tuple[Figure, list[tuple[float, float, float, float]]]:
     """A figure for ``n`` panels and their rectangles (figure fractions), top to bottom."""
     head, foot = (0.45 if title else 0.1), 0.3
@@ -41,7 +41,7 @@ def layout(
         rects.append((column * width / total_w, (foot + (rows - 1 - row) * height) / total_h,
                       width / total_w, height / total_h))
     if title:
-        figure.suptitle(title, color="white", fontsize=10, y=1 - 0.08 / total_h, va="top")
+        figure.suptitle(title, color=title_color, fontsize=10, y=1 - 0.08 / total_h, va="top")
     return figure, rects
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "DIRECTION_WORDS",
     "escape",
     "figure_uri",
     "format_cell",
@@ -23,10 +24,14 @@ __all__ = [
     "image_file",
     "markdown_to_html",
     "note",
+    "parse_number",
     "read_csv",
     "read_json",
     "table",
 ]
+
+#: The simulator's directions in words.
+DIRECTION_WORDS = {"remove": "remove (healthier)", "inject": "inject (more diseased)"}
 
 
 def escape(value: Any) -> str:
@@ -192,3 +197,15 @@ def markdown_to_html(text: str) -> str:
         index += 1
     flush()
     return "\n".join(out)
+
+
+def parse_number(text: str) -> Any:
+    """A CSV cell as int / float when it is one, else the text."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        return text

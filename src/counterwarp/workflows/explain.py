@@ -49,6 +49,7 @@ from counterwarp.data.stream import (
 )
 from counterwarp.errors import CounterwarpError
 from counterwarp.explain.simulator import Explanation
+from counterwarp.explain.validity import invalid_reason
 from counterwarp.geometry.itk_field import (
     itk_field_image,
     pull_back_linear,
@@ -72,7 +73,7 @@ if TYPE_CHECKING:
 SUMMARY_COLUMNS = (
     "id", "path", "label", "direction", "logit_before", "logit_after", "probability_before",
     "probability_after", "logit_shift", "margin", "moved_by_margin", "prediction_flipped",
-    "folding_share", "mean_abs_log_volume_change",
+    "folding_share", "valid", "invalid_reason", "mean_abs_log_volume_change",
 )
 
 
@@ -276,6 +277,8 @@ def _write_explanation(
         from counterwarp.workflows.native import write_native_outputs
 
         write_native_outputs(out, image_id_, direction, maps, item.path, *item.native)
+    moved, folding = bool(explanation.moved[0]), float(explanation.folding[0])
+    reason = invalid_reason(moved, folding)
     if panel:
         explanation_panel(
             explanation.image[0, 0].numpy(), explanation.simulated[0, 0].numpy(), change,
@@ -284,6 +287,7 @@ def _write_explanation(
                   f"({score} {float(explanation.logit_before[0]):+.2f} -> "
                   f"{float(explanation.logit_after[0]):+.2f}{unit})",
             affine=volume.model_affine,
+            invalid=reason,
         )
     before, after = float(explanation.logit_before[0]), float(explanation.logit_after[0])
     brain = explanation.image[0, 0].numpy() != 0
@@ -300,9 +304,11 @@ def _write_explanation(
         "probability_after": probability(after),
         "logit_shift": after - before,
         "margin": explanation.margin,
-        "moved_by_margin": bool(explanation.moved[0]),
+        "moved_by_margin": moved,
         "prediction_flipped": "" if regression else (before > 0) != (after > 0),
-        "folding_share": float(explanation.folding[0]),
+        "folding_share": folding,
+        "valid": not reason,
+        "invalid_reason": reason,
         "mean_abs_log_volume_change": float(np.abs(change[brain]).mean()) if brain.any()
         else 0.0,
     }

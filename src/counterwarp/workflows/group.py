@@ -1,13 +1,16 @@
-"""Group maps of volume change: mean, voxel-wise one-sample t, FDR mask, region table.
+"""Group maps of volume change: mean, effect size, voxel-wise one-sample t, FDR mask, a
+sign-flip permutation test with family-wise error control, and a region table with
+bootstrap intervals.
+
+By default a direction's group holds the subjects whose explanation answers its question
+(``inject`` on healthy subjects, ``remove`` on diseased ones) and of those only the valid
+explanations (:mod:`counterwarp.explain.validity`), with the counts stated.
 
 The per-subject log volume change maps of one direction must lie in one space, voxel for
 voxel. Two sources:
 
-- the run's simulator, applied to the held-out (``split``) images of the run's manifest.
-  The maps are on the model grid. This is a common space only because the images are
-  affinely aligned to one template before counterwarp sees them (the synthetic cohort is
-  built in MNI152 template space, so there voxels correspond across subjects); counterwarp
-  does not register images, and refuses images whose model grids differ;
+- the run's simulator, applied to the held-out (``split``) images of the run's manifest
+  (:mod:`counterwarp.workflows.group_inputs`, which says when those form one space);
 - a folder of maps already registered to one space by the user (``maps_dir``), e.g. an
   ``explain`` output folder of template-space images, or maps warped with ANTs / FSL
   (read by :mod:`counterwarp.data.maps`).
@@ -16,7 +19,8 @@ Statistics (:mod:`counterwarp.stats.group`) per voxel over the N subjects' maps 
 mean, one-sample t ``mean / (sd / sqrt(N))`` (sd with N - 1 degrees of freedom), two-sided
 p from Student's t with N - 1 degrees of freedom, and a Benjamini-Hochberg FDR mask at level
 ``q`` over the brain voxels. The units of the mean are natural-log volume change (growth >
-0); figures show percent volume change ``100 * (exp(x) - 1)``.
+0); figures show percent volume change ``100 * (exp(x) - 1)``. The permutation test and
+the bootstrap: :mod:`counterwarp.workflows.group_inference`.
 """
 
 from __future__ import annotations
@@ -29,7 +33,6 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
-from tqdm.auto import tqdm
 
 from counterwarp._io import (
     json_safe,
@@ -39,105 +42,14 @@ from counterwarp._io import (
     writing_folder,
 )
 from counterwarp._io.provenance import PROVENANCE_NAME, merged_record, relative_to
-from counterwarp.data.maps import (
-    AFFINE_TOLERANCE_MM,
-    load_atlas,
-    load_map_folder,
-    read_atlas_names,
-)
-from counterwarp.data.truth import COHORT_NAME
+from counterwarp.data.maps import load_atlas, load_map_folder, read_atlas_names
 from counterwarp.errors import CounterwarpError
 from counterwarp.nn.simulator import DIRECTIONS
 from counterwarp.stats.group import REGION_COLUMNS, group_statistics, region_table
+from counterwarp.workflows.group_inference import group_inference, with_intervals
+from counterwarp.workflows.group_inputs import SUBSETS, maps_from_simulator, resolve_subset
 
 __all__ = ["SUBSETS", "group_run"]
-
-SUBSETS = ("all", "healthy", "diseased")
-
-
-# --------------------------------------------------------------------------- inputs
-
-
-def _cohort_space_note(manifest: Path) -> str:
-    if (manifest.parent / COHORT_NAME).is_file():
-        return (
-            "MNI152 template space: the synthetic cohort is built on the MNI152 template grid, "
-            "so voxels correspond across subjects (maps on the classifier's model grid)"
-        )
-    return (
-        "the common model grid of the input images; this is one space only if the images "
-        "were affinely registered to one template beforehand (counterwarp does not "
-        "register images)"
-    )
-
-
-def _maps_from_simulator(
-    run: Path, direction: str, manifest: str | Path | None, split: str, subset: str,
-    progress: bool,
-) -> dict[str, Any]:
-    """Per-subject maps of ``direction`` from the run's simulator, with mean anatomy."""
-    import torch
-
-    from counterwarp.data.manifest import image_id
-    from counterwarp.data.preprocess import load_model_input
-    from counterwarp.workflows.folder import (
-        SPLIT_NAME,
-        load_run_simulator,
-        model_preprocessing,
-        model_shape,
-        read_split,
-        rows_in_split,
-    )
-
-    split_info = read_split(run)
-    if manifest is None:
-        recorded = split_info.get("manifest")
-        if not recorded:
-            raise CounterwarpError(
-                f"{run / SPLIT_NAME} names no manifest; pass --manifest M (or --maps DIR)"
-            )
-        manifest = Path(recorded)
-    manifest = Path(manifest)
-    simulator, payload = load_run_simulator(run)
-    rows = rows_in_split(run, manifest, split, positive_label=payload.get("positive_label"))
-    if subset != "all":
-        wanted = 0 if subset == "healthy" else 1
-        rows = [row for row in rows if int(row.label) == wanted]
-    if len(rows) < 2:
-        raise CounterwarpError(
-            f"group analysis needs at least 2 images; the {split!r} part of the split has "
-            f"{len(rows)} ({subset} subjects)"
-        )
-    shape = model_shape(payload)
-    tensors, affines, ids = [], [], []
-    for row in tqdm(rows, desc="group: load", disable=not progress):
-        tensor, volume = load_model_input(row.path, shape, model_preprocessing(payload))
-        tensors.append(tensor)
-        affines.append(volume.model_affine)
-        ids.append(image_id(row.path))
-    for path_row, affine in zip(rows, affines, strict=True):
-        if not np.allclose(affine, affines[0], atol=AFFINE_TOLERANCE_MM):
-            raise CounterwarpError(
-                f"{path_row.path} lies on another grid (affine) than {rows[0].path}: the images "
-                f"are not in one space. Register them to a template, run `counterwarp "
-                f"explain`, and pass the registered maps with --maps DIR"
-            )
-    images = torch.stack(tensors)  # (N, 1, *S)
-    changes = []
-    for start in tqdm(range(0, len(rows), 8), desc=f"group: {direction}",
-                      disable=not progress):
-        explanation = simulator.explain(images[start : start + 8], direction)
-        changes.append(explanation.log_volume_change.numpy())
-    image_values = images[:, 0].numpy().astype(np.float64)
-    return {
-        "maps": np.concatenate(changes).astype(np.float64),
-        "affine": np.asarray(affines[0], dtype=np.float64),
-        "ids": ids,
-        "anatomy": image_values.mean(axis=0),
-        "brain": (image_values != 0).mean(axis=0) >= 0.5,
-        "source": f"simulator of {run} on the {split!r} part of {manifest} ({subset} subjects)",
-        "space": _cohort_space_note(manifest),
-    }
 
 
 # --------------------------------------------------------------------------- figures
@@ -145,9 +57,11 @@ def _maps_from_simulator(
 
 def _group_figures(
     out: Path, direction: str, result: dict[str, np.ndarray], anatomy: np.ndarray | None,
-    brain: np.ndarray, affine: np.ndarray, n: int, q: float,
+    brain: np.ndarray, affine: np.ndarray, n: int, q: float, fwe: np.ndarray | None,
 ) -> list[Path]:
-    """The mean and FDR-masked mean figures of one direction (drawn by report.figures).
+    """The mean and significance-masked mean figures of one direction (drawn by
+    report.figures): masked by the TFCE family-wise error test when it ran (``fwe``), else
+    by the FDR mask.
 
     Both are cut at the centre of the tested brain mask and share one colour limit: the
     98th percentile of ``|mean percent change|`` in the brain (robust to a few voxels).
@@ -167,13 +81,12 @@ def _group_figures(
               "colorbar_label": label, "limit": limit, "threshold": 0.05 * limit}
     first = stat_map_figure(percent, out / f"group_{direction}_mean.png",
                             title=f"group mean, {direction} (n = {n})", **common)
-    n_significant = int(result["fdr"].sum())
-    fdr_title = (
-        f"FDR q = {q:g}: {n_significant} voxels" if n_significant
-        else f"no voxel survives FDR q = {q:g}"
-    )
-    second = stat_map_figure(percent, out / f"group_{direction}_mean_fdr.png",
-                             show=result["fdr"], title=f"group mean, {direction}, {fdr_title}",
+    shown = result["fdr"] if fwe is None else fwe
+    test = f"FDR q = {q:g}" if fwe is None else "FWE p < 0.05 (TFCE, sign flips)"
+    n_significant = int(shown.sum())
+    title = f"{test}: {n_significant} voxels" if n_significant else f"no voxel survives {test}"
+    second = stat_map_figure(percent, out / f"group_{direction}_mean_significant.png",
+                             show=shown, title=f"group mean, {direction}, {title}",
                              **common)
     return [first, second]
 
@@ -183,7 +96,9 @@ def _group_figures(
 
 def _write_regions_csv(path: Path, rows: list[dict[str, Any]]) -> Path:
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=REGION_COLUMNS, lineterminator="\n")
+    columns = [*REGION_COLUMNS, *(k for k in ("percent_ci_low", "percent_ci_high")
+                                  if rows and k in rows[0])]
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     for row in rows:
         writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
@@ -197,7 +112,13 @@ def _readme(direction: str, summary: dict[str, Any]) -> str:
         f"({'more diseased' if direction == 'inject' else 'healthier'})",
         "",
         f"subjects: {summary['n_subjects']}   source: {summary['source']}",
+        *([f"left out: {summary['n_invalid']} of {summary['n_explained']} explanations "
+           "were invalid (the logit did not move past the margin, or the warp folds)"]
+          if summary.get("n_invalid") and not summary.get("invalid_included") else []),
         f"space: {summary['space']}",
+        f"tested: {summary['permutation']['what_is_tested']}",
+        *([f"warning: {summary['permutation']['warning']}"]
+          if summary["permutation"].get("warning") else []),
         "",
         f"{prefix}_mean.nii.gz      mean log volume change (natural log; growth > 0;",
         "                          percent change = 100 * (exp(value) - 1))",
@@ -208,7 +129,16 @@ def _readme(direction: str, summary: dict[str, Any]) -> str:
         f"{prefix}_fdr_mask.nii.gz  1 where Benjamini-Hochberg FDR q = {summary['q']:g} "
         "rejects zero change (tests over brain voxels only)",
         f"{prefix}_brain_mask.nii.gz  voxels tested",
+        f"{prefix}_effect_size.nii.gz  Cohen's d = mean / sd over subjects (0 at zero "
+        "spread)",
     ]
+    if summary["permutation"].get("tested"):
+        lines += [
+            f"{prefix}_fwe_tfce_logp.nii.gz, {prefix}_fwe_t_logp.nii.gz  -log10 family-wise "
+            f"error p of TFCE / max-t ({summary['permutation']['n_permutations']} sign flips)",
+            f"{prefix}_fwe_tfce_mask.nii.gz, {prefix}_fwe_t_mask.nii.gz  1 where FWE p < "
+            f"{summary['permutation']['alpha']:g}",
+        ]
     if summary.get("anatomy"):
         lines.append(f"{prefix}_mean_anatomy.nii.gz  mean z-scored image (figure background)")
     if summary.get("subjects_file"):
@@ -216,9 +146,10 @@ def _readme(direction: str, summary: dict[str, Any]) -> str:
                      f"(order: {prefix}_summary.json 'ids')")
     if summary.get("regions"):
         lines.append(f"{prefix}_regions.csv  mean log volume change per atlas region, sorted "
-                     "by |effect|; 'outside' = brain voxels in no region")
+                     "by |effect|, with a 95 % bootstrap interval over subjects of its "
+                     "percent change; 'outside' = brain voxels in no region")
     lines += [
-        f"{prefix}_mean.png, {prefix}_mean_fdr.png  orthogonal views through the centre of "
+        f"{prefix}_mean.png, {prefix}_mean_significant.png  orthogonal views through the centre of "
         "the brain mask (mm), percent volume change over the mean anatomy (L/R/A/P/S/I)",
         "",
         "All NIfTI files carry the affine of the maps they were computed from.",
@@ -234,11 +165,14 @@ def group_run(
     maps_dir: str | Path | None = None,
     manifest: str | Path | None = None,
     split: str = "test",
-    subset: str = "all",
+    subset: str = "auto",
+    valid_only: bool = True,
     atlas: str | Path | None = None,
     atlas_names: str | Path | None = None,
     mask: str | Path | None = None,
     q: float = 0.05,
+    permutations: int = 1000,
+    seed: int = 0,
     figures: bool = True,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -253,8 +187,11 @@ def group_run(
             :func:`load_map_folder`); default: compute them with the run's simulator.
         manifest: manifest to draw images from (default: the one in ``RUN/split.json``).
         split: part(s) of the run's split to use (default ``test``: held-out subjects).
-        subset: ``all``, ``healthy`` or ``diseased`` subjects by manifest label (simulator
-            maps only).
+        subset: ``auto`` (default: healthy subjects for ``inject``, diseased ones for
+            ``remove``), ``all``, ``healthy`` or ``diseased`` subjects by manifest label
+            (simulator maps only).
+        valid_only: leave out invalid explanations (the logit did not move past the
+            margin, or the warp folds); their number is stated (simulator maps only).
         atlas: integer label image (0 = no region) on the maps' grid (3D atlases on another
             grid are resampled, nearest neighbour). The synthetic cohort's
             ``truth/effect_regions.nii.gz`` works.
@@ -262,13 +199,18 @@ def group_run(
         mask: brain mask NIfTI on the maps' grid; default: voxels non-zero in at least half
             the images (simulator maps), or voxels where any map is non-zero (``maps_dir``).
         q: false discovery rate of the Benjamini-Hochberg mask.
+        permutations: sign flips of the permutation test (family-wise error by max-t and
+            by TFCE, :mod:`counterwarp.stats.permutation`) and bootstrap resamples of the
+            region intervals; 0 skips both.
+        seed: seed of the sign flips and the bootstrap.
         figures: also write the PNG figures.
         progress: show progress bars.
 
     Writes (``P = OUT/group_<direction>``): ``P_mean.nii.gz``, ``P_t.nii.gz``,
     ``P_p.nii.gz``, ``P_fdr_mask.nii.gz``, ``P_brain_mask.nii.gz``,
     ``P_mean_anatomy.nii.gz`` (simulator maps), ``P_subjects.nii.gz`` (3D maps),
-    ``P_regions.csv`` (with ``atlas``), ``P_mean.png``, ``P_mean_fdr.png``,
+    ``P_effect_size.nii.gz``, ``P_fwe_{tfce,t}_{logp,mask}.nii.gz`` (permutation test),
+    ``P_regions.csv`` (with ``atlas``), ``P_mean.png``, ``P_mean_significant.png``,
     ``P_summary.json`` and ``P_README.txt``.
 
     Returns:
@@ -283,8 +225,7 @@ def group_run(
     """
     if direction not in DIRECTIONS:
         raise CounterwarpError(f"--direction {direction!r}: use inject or remove")
-    if subset not in SUBSETS:
-        raise CounterwarpError(f"subset {subset!r}: use one of {', '.join(SUBSETS)}")
+    subset = resolve_subset(subset, direction)
     if not 0 < q < 1:
         raise CounterwarpError(f"--q must be in (0, 1), got {q!r}")
     out = Path(out).expanduser()
@@ -293,16 +234,18 @@ def group_run(
     with writing_folder(out, "group maps", hint="move it away, or choose another --out"):
         return _group_into(
             run, out, direction=direction, maps_dir=maps_dir, manifest=manifest, split=split,
-            subset=subset, atlas=atlas, atlas_names=atlas_names, mask=mask, q=q,
-            figures=figures, progress=progress,
+            subset=subset, valid_only=valid_only, atlas=atlas, atlas_names=atlas_names,
+            mask=mask, q=q, permutations=permutations, seed=seed, figures=figures,
+            progress=progress,
         )
 
 
 def _group_into(
     run: str | Path | None, out: Path, *, direction: str, maps_dir: str | Path | None,
-    manifest: str | Path | None, split: str, subset: str, atlas: str | Path | None,
-    atlas_names: str | Path | None, mask: str | Path | None, q: float, figures: bool,
-    progress: bool,
+    manifest: str | Path | None, split: str, subset: str, valid_only: bool,
+    atlas: str | Path | None,
+    atlas_names: str | Path | None, mask: str | Path | None, q: float, permutations: int,
+    seed: int, figures: bool, progress: bool,
 ) -> dict[str, Any]:
     """The body of :func:`group_run`, run while holding ``out``'s lock and transaction."""
     if maps_dir is not None:
@@ -317,7 +260,8 @@ def _group_into(
     else:
         if run is None:
             raise CounterwarpError("give a run folder (--run) or a folder of maps (--maps)")
-        data = _maps_from_simulator(Path(run), direction, manifest, split, subset, progress)
+        data = maps_from_simulator(Path(run), direction, manifest, split, subset, progress,
+                                   valid_only)
     maps, affine = data["maps"], data["affine"]
     spatial = maps.shape[1:]
     brain = np.asarray(data["brain"], bool)
@@ -351,6 +295,10 @@ def _group_into(
         "fdr_mask": save("fdr_mask", result["fdr"], np.uint8),
         "brain_mask": save("brain_mask", brain, np.uint8),
     }
+    permutation, inference_files, fwe = group_inference(
+        maps, brain, affine, permutations=permutations, seed=seed, direction=direction,
+        save=save)
+    files.update(inference_files)
     if data["anatomy"] is not None:
         files["mean_anatomy"] = save("mean_anatomy", data["anatomy"])
     if maps.ndim == 4:
@@ -360,6 +308,11 @@ def _group_into(
         "direction": direction,
         "n_subjects": int(maps.shape[0]),
         "ids": list(data["ids"]),
+        "subjects": data.get("subset", "given maps"),
+        "n_explained": data.get("n_explained"),
+        "n_invalid": data.get("n_invalid"),
+        "invalid_ids": data.get("invalid_ids", []),
+        "invalid_included": data.get("invalid_included"),
         "source": data["source"],
         "space": data["space"],
         "shape": list(spatial),
@@ -370,20 +323,22 @@ def _group_into(
         "n_fdr_voxels_positive": int((result["fdr"] & (result["mean"] > 0)).sum()),
         "n_fdr_voxels_negative": int((result["fdr"] & (result["mean"] < 0)).sum()),
         "mean_abs_log_volume_change_in_brain": float(np.nanmean(np.abs(mean_in_brain))),
+        "permutation": permutation,
         "anatomy": data["anatomy"] is not None,
         "subjects_file": "subjects" in files,
         "files": files,
     }
     if labels is not None:
-        rows = region_table(maps, labels, names, brain)
+        rows = with_intervals(region_table(maps, labels, names, brain), maps, labels, names,
+                              brain, permutations, seed)
         regions_path = Path(f"{prefix}_regions.csv")
         _write_regions_csv(regions_path, rows)
         files["regions"] = str(regions_path)
         summary["regions"] = rows
     if figures:
         pngs = _group_figures(out, direction, result, data["anatomy"], brain, affine,
-                              int(maps.shape[0]), q)
-        files["figure_mean"], files["figure_fdr"] = (str(p) for p in pngs)
+                              int(maps.shape[0]), q, fwe)
+        files["figure_mean"], files["figure_significant"] = (str(p) for p in pngs)
     write_text_atomic(Path(f"{prefix}_README.txt"), _readme(direction, summary))
     files["readme"] = f"{prefix}_README.txt"
     files.update({key: Path(value).name for key, value in files.items()})  # relative to out

@@ -98,8 +98,15 @@ def _make_group_maps(inputs: ReportInputs, compute: bool, progress: bool) -> Non
             continue
         atlas, names = _cohort_atlas(inputs.cohort)
         try:
-            group_run(inputs.run, inputs.group_dir, direction=direction, atlas=atlas,
-                      atlas_names=names, progress=progress)
+            try:
+                group_run(inputs.run, inputs.group_dir, direction=direction, atlas=atlas,
+                          atlas_names=names, progress=progress)
+            except CounterwarpError as error:
+                if "valid" not in str(error):
+                    raise
+                # too few valid explanations: map them all, the page says so
+                group_run(inputs.run, inputs.group_dir, direction=direction, atlas=atlas,
+                          atlas_names=names, progress=progress, valid_only=False)
         except CounterwarpError as error:
             inputs.group_errors[direction] = str(error)
 
