@@ -167,6 +167,7 @@ class WithBatchNorm(MeanModel):
     def __init__(self) -> None:
         super().__init__()
         self.norm = nn.BatchNorm3d(1)
+        nn.init.ones_(self.linear.weight)  # a drawn weight near 0 would hide the batch's effect
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(self.norm(x) + x)
