@@ -73,11 +73,18 @@ def test_sanity_run_writes_every_check(tmp_path):
     n_stages = len(result["stages"])
     assert n_stages == 5
     rows = result["randomisation"]
-    assert len(rows) == n_stages * 2 + 1  # two saliency methods per stage + one refit
     simulator_rows = [r for r in rows if r["method"] == "simulator_inject"]
-    assert [r["stage"] for r in simulator_rows] == [1]
+    # auto: stage 1 and the first stage whose classifier lost the group signal
+    from counterwarp.workflows.sanity_report import first_stage_without_group_signal
+
+    expected = sorted({1, *first_stage_without_group_signal(result["randomised_classifiers"])})
+    assert [r["stage"] for r in simulator_rows] == expected == result["simulator_stages"]
+    assert len(rows) == n_stages * 2 + len(expected)  # two saliency methods per stage
     gradients = [r["agreement_spearman"] for r in rows if r["method"] == "gradient"]
     assert all(g < 0.999 for g in gradients)  # randomising changes the gradient
+    left = result["randomised_classifiers"]
+    assert [r["stage"] for r in left] == list(range(1, n_stages + 1))
+    assert all(0.0 <= r["auroc"] <= 1.0 for r in left)
     assert result["seed_control"]["seed"] == 1
     assert set(result["oracle"]) >= {"oracle_test_auroc", "oracle_channels"}
     # the run compared with itself agrees exactly
@@ -86,6 +93,37 @@ def test_sanity_run_writes_every_check(tmp_path):
         assert (out / name).is_file() and (out / name).stat().st_size > 0
     markdown = (out / "sanity.md").read_text()
     assert "## Cascading randomisation" in markdown and "## Oracle classifier" in markdown
+    assert "### What each randomised classifier still does" in markdown
+
+
+def test_what_is_left_of_a_classifier_whose_read_out_is_the_same_is_everything():
+    from counterwarp.workflows.sanity import _held_out_logits, _what_is_left
+
+    torch.manual_seed(0)
+    model = Classifier((16, 16, 16)).eval()
+    images = torch.randn(8, 1, 16, 16, 16)
+    logits = _held_out_logits(model, images)
+    labels = torch.from_numpy((logits > np.median(logits)).astype(np.int64))
+    same = _what_is_left(model, images, labels, logits)
+    assert same["auroc"] == pytest.approx(1.0)  # the labels are its own ranking
+    assert same["logit_pearson"] == pytest.approx(1.0)
+    flipped = _what_is_left(model, images, 1 - labels, logits)
+    assert flipped["auroc"] == pytest.approx(0.0)
+
+
+def test_the_markdown_says_when_the_last_block_check_is_confounded():
+    from counterwarp.workflows.sanity_report import sanity_markdown, still_separating_stages
+
+    result = {"run": "r", "n_images": 4, "split": "test", "stages": ["head", "head + f"],
+              "randomisation": [],
+              "randomised_classifiers": [
+                  {"stage": 1, "blocks": "head", "auroc": 0.95, "logit_pearson": 0.9},
+                  {"stage": 2, "blocks": "head + f", "auroc": 0.55, "logit_pearson": 0.1}]}
+    assert still_separating_stages(result) == [1]
+    assert "confounded" in sanity_markdown(result)
+    result["randomised_classifiers"][0]["auroc"] = 0.6
+    assert still_separating_stages(result) == []
+    assert "confounded" not in sanity_markdown(result)
 
 
 def test_sanity_refuses_bad_arguments_before_writing(tmp_path):
@@ -94,3 +132,25 @@ def test_sanity_refuses_bad_arguments_before_writing(tmp_path):
     with pytest.raises(CounterwarpError, match="max-images"):
         sanity_run(tmp_path, tmp_path / "out", max_images=1)
     assert not (tmp_path / "out").exists()
+
+
+def test_refit_stages_are_auto_a_count_or_stage_numbers():
+    from counterwarp.workflows.sanity import parse_refit_stages
+
+    assert parse_refit_stages("auto", 5) is None
+    assert parse_refit_stages(2, 5) == {1, 2}
+    assert parse_refit_stages("0", 5) == set()
+    assert parse_refit_stages("1,3", 5) == {1, 3}
+    for bad in ("6", "-1", "0,2", "1,9", "head", ","):
+        with pytest.raises(CounterwarpError, match="--simulator-stages"):
+            parse_refit_stages(bad, 5)
+
+
+def test_the_first_stage_without_group_signal_is_the_first_near_chance():
+    from counterwarp.workflows.sanity_report import first_stage_without_group_signal
+
+    rows = [{"stage": 1, "auroc": 1.0}, {"stage": 2, "auroc": 0.04},
+            {"stage": 3, "auroc": 0.54}, {"stage": 4, "auroc": 0.51}]
+    assert first_stage_without_group_signal(rows) == [3]
+    assert first_stage_without_group_signal(rows[:2]) == []
+    assert first_stage_without_group_signal([{"stage": 1, "auroc": float("nan")}]) == []

@@ -176,11 +176,16 @@ def _cmd_sanity(args: argparse.Namespace) -> None:
         oracle=not args.no_oracle, oracle_epochs=args.oracle_epochs,
         compare_run=args.compare_run, seed=args.seed,
     )
-    last = [r for r in result["randomisation"] if r["stage"] == 1]
-    for row in last:
-        print(f"sanity: last block randomised, {row['method']}: agreement "
-              f"{row['agreement_spearman']:.3f} (per image), "
-              f"{row['agreement_group_pearson']:.3f} (group)")
+    from counterwarp.workflows.sanity_report import first_stage_without_group_signal
+
+    informative = first_stage_without_group_signal(result["randomised_classifiers"])
+    for row in result["randomisation"]:
+        if row["stage"] == 1 or row["stage"] in informative:
+            where = ("last block randomised" if row["stage"] == 1 else
+                     f"stage {row['stage']} (no group signal left)")
+            print(f"sanity: {where}, {row['method']}: agreement "
+                  f"{row['agreement_spearman']:.3f} (per image), "
+                  f"{row['agreement_group_pearson']:.3f} (group)")
     print(f"wrote sanity.md, sanity.json, sanity_randomisation.csv, randomisation.png "
           f"to {Path(args.out)}")
 

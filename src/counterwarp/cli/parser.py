@@ -125,8 +125,11 @@ def _sanity_options(p: argparse.ArgumentParser, own_command: bool = True) -> Non
                        help="seed of the randomisation, the refits and the oracle")
     p.add_argument("--max-images", type=int, default=16,
                    help="held-out images explained (healthy and diseased alternating)")
-    p.add_argument("--simulator-stages", type=int, default=1,
-                   help="cascading stages that get a simulator refit (one fit each)")
+    p.add_argument("--simulator-stages", default="auto",
+                   help="cascading stages that get a simulator refit (one fit each): "
+                        "'auto' (stage 1 and the first stage whose randomised classifier "
+                        "no longer tells the groups apart), a count K (stages 1 to K), or "
+                        "stage numbers such as '1,3'")
     p.add_argument("--simulator-steps", type=int, default=None,
                    help="steps of each refit (default: the run's own)")
     p.add_argument("--no-seed-control", action="store_true",

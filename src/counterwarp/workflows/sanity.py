@@ -7,8 +7,12 @@ On the held-out images of a run (real data works: no truth is needed):
    randomisation`). Every saliency method's maps of each stage are compared with its maps
    of the trained classifier (Spearman rank correlation of ``|map|`` per image, and the
    Pearson of the mean ``|map|``); the simulator is **refitted** against the randomised
-   classifier of the first ``simulator_stages`` stages (it learns from the classifier, so
-   only a refit can tell) and its "inject" maps compared, signed, with the run's.
+   classifier of chosen stages (it learns from the classifier, so only a refit can tell)
+   and its "inject" maps compared, signed, with the run's. Each randomised classifier is
+   scored too (held-out AUROC, logit correlation with the trained one): a random read-out
+   of trained features can still tell the groups apart, and a faithful map of such a
+   classifier should agree with the original. By default the simulator is refitted at
+   stage 1 and at the first stage whose classifier no longer tells the groups apart.
 2. **Seed control**: the simulator refitted for the *trained* classifier with another seed;
    the agreement of its maps with the run's is the seed-to-seed agreement, the level a
    randomised classifier's agreement must fall well below.
@@ -45,7 +49,11 @@ from counterwarp.explain.randomisation import (
 from counterwarp.explain.saliency import saliency_map
 from counterwarp.explain.simulator import Simulator
 
-__all__ = ["RANDOMISATION_COLUMNS", "sanity_run"]
+__all__ = [
+    "RANDOMISATION_COLUMNS",
+    "parse_refit_stages",
+    "sanity_run",
+]
 
 RANDOMISATION_COLUMNS = (
     "stage", "blocks", "method", "n_images", "agreement_spearman", "agreement_group_pearson",
@@ -95,7 +103,8 @@ def _refit(simulator: Simulator, classifier: torch.nn.Module, train_images: torc
 def sanity_run(
     run: str | Path, out: str | Path, *, manifest: str | Path | None = None,
     split: str = "test", methods: str | list[str] | None = None, max_images: int = 16,
-    simulator_stages: int = 1, simulator_steps: int | None = None, seed_control: bool = True,
+    simulator_stages: int | str = "auto", simulator_steps: int | None = None,
+    seed_control: bool = True,
     oracle: bool = True, oracle_epochs: int = 20, compare_run: str | Path | None = None,
     occlusion_patch: int = 4, seed: int = 0, progress: bool = True,
 ) -> dict[str, Any]:
@@ -108,7 +117,10 @@ def sanity_run(
         split: the part of the split explained (held-out ``test`` by default).
         methods: saliency methods (comma-separated or a list; default all hookable).
         max_images: at most this many held-out images (healthy and diseased alternating).
-        simulator_stages: how many cascading stages get a simulator refit (each one fit).
+        simulator_stages: the cascading stages that get a simulator refit (each one fit):
+            ``"auto"`` (stage 1 and the first stage whose randomised classifier no longer
+            tells the groups apart), an integer K (stages 1 to K), or stage numbers
+            ``"1,3"``.
         simulator_steps: steps of each refit (default: the run's own).
         seed_control: also refit for the trained classifier with another seed.
         oracle: train and query the independent oracle classifier.
@@ -130,12 +142,11 @@ def sanity_run(
     run, out = Path(run).expanduser(), Path(out).expanduser()
     if max_images < 2:
         raise CounterwarpError(f"--max-images must be at least 2, got {max_images}")
-    if simulator_stages < 0:
-        raise CounterwarpError(f"--simulator-stages must be >= 0, got {simulator_stages}")
     simulator, payload = load_run_simulator(run)
     classifier = simulator.classifier_
     assert classifier is not None
     stages = randomisation_stages(classifier)
+    refit_stages = parse_refit_stages(simulator_stages, len(stages))
     chosen = hookable_methods(_chosen_methods(methods), payload, progress)
     manifest = Path(manifest) if manifest else Path(read_split(run).get("manifest") or "")
     if not manifest.name:
@@ -146,7 +157,7 @@ def sanity_run(
     shape, prep = model_shape(payload), model_preprocessing(payload)
     images, labels = load_images(rows, shape, progress=False, preprocessing=prep)
     train_rows = rows_in_split(run, manifest, "train+val", positive_label=positive)
-    needs_training = simulator_stages or seed_control or oracle
+    needs_training = refit_stages != set() or seed_control or oracle
     train_images, train_labels = (load_images(train_rows, shape, progress=False,
                                               preprocessing=prep)
                                   if needs_training else (images, labels))
@@ -155,7 +166,7 @@ def sanity_run(
         raise CounterwarpError(f"--out {out} exists and is not a folder")
     with writing_folder(out, "sanity checks", hint="move it away, or choose another --out"):
         result = _checks(simulator, images, labels, train_images, train_labels, stages,
-                         chosen, simulator_stages, simulator_steps, seed_control, oracle,
+                         chosen, refit_stages, simulator_steps, seed_control, oracle,
                          oracle_epochs, other, occlusion_patch, seed, progress)
         result.update({"run": str(run), "split": split, "n_images": len(rows),
                        "ids": [Path(r.path).name for r in rows],
@@ -164,6 +175,66 @@ def sanity_run(
         write_json_atomic(out / PROVENANCE_NAME, record(
             run=relative_to(run, out), seed=seed, methods=chosen))
     return result
+
+
+@torch.no_grad()
+def _held_out_logits(classifier: torch.nn.Module, images: torch.Tensor) -> np.ndarray:
+    """``(N,)`` logits of the (N, 1, *S) images, in batches of 8."""
+    from counterwarp.nn.classifier import classifier_logits, module_device
+
+    device = module_device(classifier)
+    return torch.cat([classifier_logits(classifier, images[i : i + 8].to(device)).cpu()
+                      for i in range(0, len(images), 8)]).numpy()
+
+
+def _what_is_left(randomised: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                  trained_logits: np.ndarray) -> dict[str, float]:
+    """What a randomised classifier still does on the held-out images.
+
+    Randomising the last block need not destroy what the classifier reads: a random
+    read-out of the trained features can still rank the images as the trained classifier
+    does. Then a faithful explanation *should* agree with the original one, and the
+    randomisation check cannot tell a faithful method from one that ignores the model.
+
+    Returns:
+        ``auroc``: of the randomised logits against the labels (0.5: no group signal
+        left; near 0 or 1: the groups are still told apart, either way round);
+        ``logit_pearson``: the Pearson of its logits with the trained classifier's over
+        the images (near 1: it still ranks them the same way).
+    """
+    from counterwarp.train.common import auc
+
+    logits = _held_out_logits(randomised, images)
+    spread = float(np.std(logits)) * float(np.std(trained_logits))
+    return {"auroc": auc(logits, labels.numpy()),
+            "logit_pearson": (float(np.corrcoef(logits, trained_logits)[0, 1])
+                              if spread > 0 else float("nan"))}
+
+
+def parse_refit_stages(value: int | str, n_stages: int) -> set[int] | None:
+    """The stages of ``--simulator-stages``; None for ``"auto"`` (decided once the
+    randomised classifiers are scored).
+
+    Raises:
+        CounterwarpError: not ``auto``, a count 0..n or stage numbers 1..n.
+    """
+    text = str(value).strip().lower()
+    if text == "auto":
+        return None
+    try:
+        if "," not in text:
+            count = int(text)
+            if not 0 <= count <= n_stages:
+                raise ValueError
+            return set(range(1, count + 1))
+        chosen = {int(part) for part in text.split(",") if part.strip()}
+        if not chosen or not all(1 <= k <= n_stages for k in chosen):
+            raise ValueError
+        return chosen
+    except ValueError:
+        raise CounterwarpError(
+            f"--simulator-stages {value!r}: give 'auto', a count from 0 to {n_stages}, or "
+            f"stage numbers from 1 to {n_stages} such as '1,3'") from None
 
 
 def _alternate(rows: list[Any], count: int) -> list[Any]:
@@ -179,7 +250,7 @@ def _alternate(rows: list[Any], count: int) -> list[Any]:
 
 def _checks(simulator: Simulator, images: torch.Tensor, labels: torch.Tensor,
             train_images: torch.Tensor, train_labels: torch.Tensor, stages: list[Any],
-            methods: list[str], simulator_stages: int, simulator_steps: int | None,
+            methods: list[str], refit_stages: set[int] | None, simulator_steps: int | None,
             seed_control: bool, oracle: bool, oracle_epochs: int, other: Simulator | None,
             occlusion_patch: int, seed: int, progress: bool) -> dict[str, Any]:
     classifier = simulator.classifier_
@@ -189,6 +260,15 @@ def _checks(simulator: Simulator, images: torch.Tensor, labels: torch.Tensor,
     original_sim = explain_in_batches(simulator, images, "inject").log_volume_change.numpy()
     original_saliency = _saliency_maps(classifier, images, methods, occlusion_patch)
     rows: list[dict[str, Any]] = []
+    trained_logits = _held_out_logits(classifier, images)
+    classifiers = [{"stage": index, "blocks": stage.name,
+                    **_what_is_left(randomised_copy(classifier, stage, seed + index), images,
+                                    labels, trained_logits)}
+                   for index, stage in enumerate(stages, start=1)]
+    if refit_stages is None:
+        from counterwarp.workflows.sanity_report import first_stage_without_group_signal
+
+        refit_stages = {1} | set(first_stage_without_group_signal(classifiers))
     for index, stage in enumerate(tqdm(stages, desc="sanity: randomisation stages",
                                        disable=not progress), start=1):
         randomised = randomised_copy(classifier, stage, seed + index)
@@ -199,7 +279,7 @@ def _checks(simulator: Simulator, images: torch.Tensor, labels: torch.Tensor,
             rows.append({"stage": index, "blocks": stage.name, "method": method,
                          "n_images": len(images), "agreement_spearman": spearman,
                          "agreement_group_pearson": group, "moved_share": None})
-        if index <= simulator_stages:
+        if index in refit_stages:
             refit = _refit(simulator, randomised, train_images, simulator_steps, seed + 1,
                            progress)
             explained = explain_in_batches(refit, images, "inject")
@@ -209,9 +289,10 @@ def _checks(simulator: Simulator, images: torch.Tensor, labels: torch.Tensor,
                          "n_images": len(images), "agreement_spearman": spearman,
                          "agreement_group_pearson": group,
                          "moved_share": float(explained.moved.float().mean())})
-    result: dict[str, Any] = {"randomisation": rows, "methods": methods,
+    result: dict[str, Any] = {"randomisation": rows, "randomised_classifiers": classifiers,
+                              "methods": methods,
                               "stages": [s.name for s in stages],
-                              "simulator_stages": simulator_stages,
+                              "simulator_stages": sorted(refit_stages),
                               "simulator_steps": simulator_steps or simulator.config.steps}
     if seed_control:
         refit = _refit(simulator, classifier, train_images, simulator_steps, seed + 1,

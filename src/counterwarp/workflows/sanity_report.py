@@ -10,11 +10,38 @@ import numpy as np
 from counterwarp.report.display import save_figure
 from counterwarp.stats.benchmark_scores import format_number
 
-__all__ = ["RANDOMISED_AGREEMENT_LIMIT", "randomisation_figure", "sanity_markdown"]
+__all__ = [
+    "RANDOMISED_AGREEMENT_LIMIT",
+    "STILL_SEPARATES_AUROC",
+    "first_stage_without_group_signal",
+    "randomisation_figure",
+    "sanity_markdown",
+    "still_separating_stages",
+]
 
 #: Agreement with the original above which a method fails the randomisation check once
 #: the classifier's last block is randomised.
 RANDOMISED_AGREEMENT_LIMIT = 0.3
+
+#: A randomised classifier whose held-out AUROC is at least this far from chance (0.5),
+#: either way round, still tells the groups apart.
+STILL_SEPARATES_AUROC = 0.3
+
+
+def still_separating_stages(result: dict[str, Any]) -> list[int]:
+    """The cascading stages whose randomised classifier still tells the groups apart."""
+    return [int(row["stage"]) for row in result.get("randomised_classifiers") or []
+            if row.get("auroc") is not None and np.isfinite(row["auroc"])
+            and abs(row["auroc"] - 0.5) >= STILL_SEPARATES_AUROC]
+
+
+def first_stage_without_group_signal(classifiers: list[dict[str, Any]]) -> list[int]:
+    """The first stage (as a list of 0 or 1 numbers) whose randomised classifier no longer
+    tells the groups apart (AUROC within ``STILL_SEPARATES_AUROC`` of chance)."""
+    for row in classifiers:
+        if np.isfinite(row["auroc"]) and abs(row["auroc"] - 0.5) < STILL_SEPARATES_AUROC:
+            return [int(row["stage"])]
+    return []
 
 
 def _by_method(rows: list[dict[str, Any]], key: str) -> dict[str, list[tuple[int, float]]]:
@@ -90,6 +117,37 @@ def sanity_markdown(result: dict[str, Any]) -> str:
                > RANDOMISED_AGREEMENT_LIMIT]
     lines += ["", ("Fails after the last block is randomised: " + ", ".join(failing))
               if failing else "Every method passes after the last block is randomised.", ""]
+    left = result.get("randomised_classifiers") or []
+    if left:
+        lines += [
+            "### What each randomised classifier still does", "",
+            "A random read-out of trained features can still tell the groups apart. Where "
+            "it does, a faithful explanation of the randomised classifier should look "
+            "like the original one, and that stage cannot fail a method; the stages where "
+            "the group signal is gone (AUROC near 0.5) are the informative ones.", "",
+            "| stage | randomised blocks | held-out AUROC | logit Pearson with the trained |",
+            "|---|---|---|---|"]
+        lines += [f"| {row['stage']} | {row['blocks']} | {f(row['auroc'])} | "
+                  f"{f(row['logit_pearson'])} |" for row in left]
+        separating = still_separating_stages(result)
+        if 1 in separating:
+            lines += ["", "After the last block is randomised the classifier still tells "
+                      f"the groups apart (AUROC {f(left[0]['auroc'])}): the check above "
+                      "is confounded there."]
+        informative = first_stage_without_group_signal(left)
+        if informative:
+            k = informative[0]
+            at_k = [r for r in result["randomisation"] if r["stage"] == k]
+            failing_k = [r["method"] for r in at_k
+                         if np.nanmax([r["agreement_spearman"] or np.nan,
+                                       r["agreement_group_pearson"] or np.nan])
+                         > RANDOMISED_AGREEMENT_LIMIT]
+            verdict = (("fails: " + ", ".join(failing_k)) if failing_k
+                       else "every method scored there passes")
+            lines += ["", f"Stage {k} is the first whose classifier no longer tells the "
+                      f"groups apart (AUROC {f(left[k - 1]['auroc'])}); there, agreement "
+                      f"above {RANDOMISED_AGREEMENT_LIMIT} {verdict}."]
+        lines.append("")
     control = result.get("seed_control")
     if control:
         lines += [
