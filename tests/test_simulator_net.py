@@ -273,3 +273,54 @@ def test_half_resolution_field_is_the_upsampled_coarse_head_in_fine_voxels() -> 
     torch.testing.assert_close(field, expected)
     # a shift of one coarse voxel is two fine voxels: the field is in input-grid voxels
     assert field.abs().max() > 1.5 * coarse["out"].abs().max()
+
+
+# ---------------------------------------------------------------- field kept in the brain
+
+
+def _disc_image(shape: tuple[int, ...], radius: float) -> torch.Tensor:
+    """(1, 1, *shape): a disc (ball) of ones in the middle, background exactly 0."""
+    axes = torch.meshgrid(*[torch.arange(n, dtype=torch.float32) - (n - 1) / 2 for n in shape],
+                          indexing="ij")
+    inside = sum(a**2 for a in axes) <= radius**2
+    return inside.float()[None, None] * (1.0 + 0.1 * torch.randn(1, 1, *shape))
+
+
+def test_soft_brain_mask_is_one_in_the_brain_and_zero_far_outside() -> None:
+    from counterwarp.nn.simulator import soft_brain_mask
+
+    image = _disc_image((24, 24), radius=5.0)
+    mask = soft_brain_mask(image, 2.0)[0, 0]
+    brain = image[0, 0] != 0
+    assert torch.all(mask[brain] > 0.99)  # inside: untouched
+    assert mask[0, 0] == 0 and mask[0].max() == 0  # far background: no field
+    assert 0 < mask[12, 12 + 8] < 1  # fades between 2 and 4 voxels outside
+
+
+def test_brain_margin_keeps_the_field_off_the_far_background_in_both_directions() -> None:
+    torch.manual_seed(0)
+    shape = (32, 32)
+    net = SimulatorNet(shape, brain_margin=1.0, antisymmetric=True, **SMALL).eval()
+    torch.nn.init.normal_(net.head.weight, std=0.1)
+    image = _disc_image(shape, radius=7.0)
+    with torch.no_grad():
+        field = net(image.expand(2, -1, -1, -1), torch.tensor([1.0, -1.0]))
+    assert field[:, :, :, :4].abs().max() == 0  # 9+ voxels from the brain: still
+    assert field[:, :, 14:18, 14:18].abs().max() > 0  # the brain moves
+    assert torch.allclose(field[1], -field[0])  # remove is still the negated inject
+    free = SimulatorNet(shape, antisymmetric=True, **SMALL).eval()
+    free.load_state_dict(net.state_dict())
+    with torch.no_grad():
+        unmasked = free(image, 1.0)
+    assert unmasked[:, :, :, :4].abs().max() > 0  # without it the background moves
+
+
+def test_fit_config_passes_the_brain_margin_to_the_network() -> None:
+    from counterwarp.train.config import FitConfig
+    from counterwarp.train.simulator import build_net
+
+    net = build_net(FitConfig(field_brain_margin=2.0, channels=(4, 8, 8)), (16, 16))
+    assert net.config["brain_margin"] == 2.0
+    assert build_net(FitConfig(channels=(4, 8, 8)), (16, 16)).config["brain_margin"] is None
+    with pytest.raises(CounterwarpError, match="field_brain_margin"):
+        FitConfig(field_brain_margin=-1.0).validate()

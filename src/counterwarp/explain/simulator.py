@@ -124,6 +124,8 @@ class Simulator:
         w_shift, w_cycle, w_smooth, smooth_kind, w_magnitude, w_fold: loss weights.
         field_sigma: Gaussian smoothing of the predicted field (voxels).
         field_downsize: predict the field on a grid this many times coarser, upsampled.
+        field_brain_margin: voxels around the brain beyond which the field fades to 0
+            (0: anywhere).
         antisymmetric: one field for both directions, remove = -inject.
         precision: ``"fp32"`` or ``"bf16"`` (autocast forward passes).
         checkpoint_every, seed: checkpoints every N steps; random seed.
@@ -159,6 +161,7 @@ class Simulator:
         w_fold: float = _DEFAULT.w_fold,
         field_sigma: float = _DEFAULT.field_sigma,
         field_downsize: int = _DEFAULT.field_downsize,
+        field_brain_margin: float = _DEFAULT.field_brain_margin,
         norm: str = _DEFAULT.norm,
         antisymmetric: bool = _DEFAULT.antisymmetric,
         precision: str = _DEFAULT.precision,

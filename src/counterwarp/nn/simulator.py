@@ -135,6 +135,14 @@ def _validated(cfg: dict[str, Any]) -> dict[str, Any]:
             f"SimulatorNet: field_downsize must be a power of two below 2**levels = "
             f"{2 ** max(levels, 1)} for input_shape {list(shape)}, got {downsize!r}."
         )
+    margin = cfg["brain_margin"]
+    if margin is not None:
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 < margin <= 8:
+            raise CounterwarpError(
+                f"SimulatorNet: brain_margin must be None or a number of voxels in (0, 8], "
+                f"got {margin!r}."
+            )
+        out["brain_margin"] = float(margin)
     if levels < 1:
         raise CounterwarpError(
             f"SimulatorNet: input_shape {list(shape)} cannot be pooled by 2 (every size must be "
@@ -202,6 +210,10 @@ class SimulatorNet(nn.Module):
             direction at x", without looking at the condition, and returns ``c * g(x)``:
             "remove" is then exactly the negated "inject" field (with ``field="velocity"``,
             its exact inverse), so both directions train one and the same quantity.
+        brain_margin: if set (voxels), the field is multiplied by
+            :func:`soft_brain_mask` of the input: it moves the brain and up to about
+            ``2 * brain_margin`` voxels around it, never the far background (None: anywhere,
+            the paper's).
     """
 
     def __init__(
@@ -219,6 +231,7 @@ class SimulatorNet(nn.Module):
         norm: str = "batch",
         antisymmetric: bool = False,
         field_downsize: int = 1,
+        brain_margin: float | None = None,
     ) -> None:
         super().__init__()
         arguments = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
@@ -333,6 +346,8 @@ class SimulatorNet(nn.Module):
                     out, size=self.input_shape, mode=UPSAMPLE_MODE[self.dim],
                     align_corners=False,
                 )
+            if self._cfg["brain_margin"] is not None:
+                out = out * soft_brain_mask(x, self._cfg["brain_margin"])
             if self._cfg["antisymmetric"]:
                 out = out * direction.float().view(-1, *([1] * (out.ndim - 1)))
         return out
@@ -353,6 +368,24 @@ class SimulatorNet(nn.Module):
             return raw_field, None
         steps = self.integration_steps
         return integrate_velocity(raw_field, steps), integrate_velocity(-raw_field, steps)
+
+
+def soft_brain_mask(images: torch.Tensor, margin: float) -> torch.Tensor:
+    """Where a field may move: 1 in the brain (non-zero voxels) dilated by ``margin``
+    voxels, fading smoothly to 0 over about as many voxels more.
+
+    Args:
+        images: ``(B, 1, *S)`` images with background exactly 0.
+        margin: voxels, > 0.
+
+    Returns:
+        ``(B, 1, *S)`` float32 in [0, 1].
+    """
+    inside = (images != 0).float()
+    size = 2 * math.ceil(margin) + 1
+    pool = F.max_pool3d if images.ndim == 5 else F.max_pool2d
+    dilated = pool(inside, kernel_size=size, stride=1, padding=size // 2)
+    return gaussian_smooth(dilated, margin / 2).clamp(0.0, 1.0)
 
 
 def _constructor_defaults() -> dict[str, Any]:

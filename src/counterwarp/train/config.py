@@ -55,6 +55,9 @@ SETTING_HELP: dict[str, str] = {
     "field_sigma": "Gaussian smoothing of the predicted field, in voxels",
     "field_downsize": "predict the field on a grid this many times coarser (a power of 2) "
                       "and upsample it: faster, and smooth at that scale (1: full resolution)",
+    "field_brain_margin": "keep the field in the brain: it fades to 0 from this many voxels "
+                          "outside the brain over as many more (0: it may move the "
+                          "background too)",
     "precision": "bf16: forward passes under bfloat16 autocast (GPUs, and CPUs with "
                  "AMX/AVX512-BF16); fields, warps and weights stay float32",
     "checkpoint_every": "write a resumable checkpoint every N steps",
@@ -98,6 +101,7 @@ class FitConfig:
     w_fold: float = 0.0
     field_sigma: float = 1.0
     field_downsize: int = 1
+    field_brain_margin: float = 0.0
     norm: str = "batch"
     antisymmetric: bool = True
     precision: str = "fp32"
@@ -118,7 +122,7 @@ class FitConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise CounterwarpError(f"{name} must be a positive integer, got {value!r}")
         non_negative = ("w_shift", "w_cycle", "w_smooth", "w_magnitude", "w_fold",
-                        "weight_decay", "field_sigma")
+                        "weight_decay", "field_sigma", "field_brain_margin")
         for name in non_negative:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:

@@ -101,6 +101,8 @@ def build_net(
         norm=config.norm,
         **({"antisymmetric": True} if config.antisymmetric else {}),
         **({"field_downsize": config.field_downsize} if config.field_downsize > 1 else {}),
+        **({"brain_margin": config.field_brain_margin} if config.field_brain_margin > 0
+           else {}),
     )
 
 
