@@ -20,10 +20,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-
 from counterwarp.explain.randomisation import randomisation_stages, randomised_copy
 from counterwarp.explain.sensitivity import classifier_region_sensitivity
+from counterwarp.nn.classifier import predict_in_batches
 from counterwarp.workflows.folder import (
     load_images,
     load_run_simulator,
@@ -32,7 +31,7 @@ from counterwarp.workflows.folder import (
     read_split,
     rows_in_split,
 )
-from counterwarp.workflows.sanity import _held_out_logits, _what_is_left
+from counterwarp.workflows.sanity import what_is_left
 
 
 def main() -> None:
@@ -51,15 +50,15 @@ def main() -> None:
                          positive_label=payload.get("positive_label"))
     images, labels = load_images(rows, model_shape(payload), progress=False,
                                  preprocessing=model_preprocessing(payload))
-    trained = _held_out_logits(classifier, images)
+    trained = predict_in_batches(classifier, images).numpy()
     stages = randomisation_stages(classifier)
     models = [("trained", classifier)] + [
         (stage.name, randomised_copy(classifier, stage, args.seed + k))
         for k, stage in enumerate(stages, start=1)]
     for k, (name, model) in enumerate(models):
-        logits = torch.from_numpy(_held_out_logits(model, images))
+        logits = predict_in_batches(model, images)
         healthy, diseased = logits[labels == 0], logits[labels == 1]
-        left = _what_is_left(model, images, labels, trained)
+        left = what_is_left(model, images, labels, trained)
         print(f"== stage {k} ({name}): logit healthy {healthy.mean():.3f} "
               f"(sd {healthy.std():.3f}), diseased {diseased.mean():.3f} "
               f"(sd {diseased.std():.3f}); AUROC {left['auroc']:.3f}, "

@@ -180,7 +180,7 @@ def _cmd_sanity(args: argparse.Namespace) -> None:
 
     informative = first_stage_without_group_signal(result["randomised_classifiers"])
     for row in result["randomisation"]:
-        if row["stage"] == 1 or row["stage"] in informative:
+        if row["stage"] in (1, informative):
             where = ("last block randomised" if row["stage"] == 1 else
                      f"stage {row['stage']} (no group signal left)")
             print(f"sanity: {where}, {row['method']}: agreement "

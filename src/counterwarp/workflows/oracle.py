@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from counterwarp.errors import CounterwarpError
 from counterwarp.explain.assess import explain_directions_in_batches
 from counterwarp.explain.simulator import Simulator
-from counterwarp.nn.classifier import Classifier, classifier_logits
+from counterwarp.nn.classifier import Classifier, predict_in_batches
 from counterwarp.train.augment import AUGMENTATION, augment_batch
 from counterwarp.train.common import auc
 
@@ -64,13 +64,9 @@ def train_oracle(
     return model
 
 
-@torch.no_grad()
-def _logits(model: nn.Module, images: torch.Tensor, batch_size: int = 16) -> np.ndarray:
-    device = next(model.parameters()).device
-    return np.concatenate([
-        classifier_logits(model, images[i : i + batch_size].to(device)).float().cpu().numpy()
-        for i in range(0, len(images), batch_size)
-    ])
+def _logits(model: nn.Module, images: torch.Tensor) -> np.ndarray:
+    """``(N,)`` logits of ``images`` (N, 1, *S), without gradients."""
+    return predict_in_batches(model, images, batch_size=16).numpy()
 
 
 def oracle_agreement(

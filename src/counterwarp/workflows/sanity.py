@@ -53,6 +53,7 @@ __all__ = [
     "RANDOMISATION_COLUMNS",
     "parse_refit_stages",
     "sanity_run",
+    "what_is_left",
 ]
 
 RANDOMISATION_COLUMNS = (
@@ -177,17 +178,7 @@ def sanity_run(
     return result
 
 
-@torch.no_grad()
-def _held_out_logits(classifier: torch.nn.Module, images: torch.Tensor) -> np.ndarray:
-    """``(N,)`` logits of the (N, 1, *S) images, in batches of 8."""
-    from counterwarp.nn.classifier import classifier_logits, module_device
-
-    device = module_device(classifier)
-    return torch.cat([classifier_logits(classifier, images[i : i + 8].to(device)).cpu()
-                      for i in range(0, len(images), 8)]).numpy()
-
-
-def _what_is_left(randomised: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
+def what_is_left(randomised: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
                   trained_logits: np.ndarray) -> dict[str, float]:
     """What a randomised classifier still does on the held-out images.
 
@@ -202,9 +193,10 @@ def _what_is_left(randomised: torch.nn.Module, images: torch.Tensor, labels: tor
         ``logit_pearson``: the Pearson of its logits with the trained classifier's over
         the images (near 1: it still ranks them the same way).
     """
+    from counterwarp.nn.classifier import predict_in_batches
     from counterwarp.train.common import auc
 
-    logits = _held_out_logits(randomised, images)
+    logits = predict_in_batches(randomised, images).numpy()
     spread = float(np.std(logits)) * float(np.std(trained_logits))
     return {"auroc": auc(logits, labels.numpy()),
             "logit_pearson": (float(np.corrcoef(logits, trained_logits)[0, 1])
@@ -260,18 +252,23 @@ def _checks(simulator: Simulator, images: torch.Tensor, labels: torch.Tensor,
     original_sim = explain_in_batches(simulator, images, "inject").log_volume_change.numpy()
     original_saliency = _saliency_maps(classifier, images, methods, occlusion_patch)
     rows: list[dict[str, Any]] = []
-    trained_logits = _held_out_logits(classifier, images)
+    from counterwarp.nn.classifier import predict_in_batches
+
+    trained_logits = predict_in_batches(classifier, images).numpy()
+    randomised_models = [randomised_copy(classifier, stage, seed + index)
+                         for index, stage in enumerate(stages, start=1)]
     classifiers = [{"stage": index, "blocks": stage.name,
-                    **_what_is_left(randomised_copy(classifier, stage, seed + index), images,
-                                    labels, trained_logits)}
-                   for index, stage in enumerate(stages, start=1)]
+                    **what_is_left(model, images, labels, trained_logits)}
+                   for index, (stage, model) in enumerate(zip(stages, randomised_models,
+                                                              strict=True), start=1)]
     if refit_stages is None:
         from counterwarp.workflows.sanity_report import first_stage_without_group_signal
 
-        refit_stages = {1} | set(first_stage_without_group_signal(classifiers))
-    for index, stage in enumerate(tqdm(stages, desc="sanity: randomisation stages",
-                                       disable=not progress), start=1):
-        randomised = randomised_copy(classifier, stage, seed + index)
+        informative = first_stage_without_group_signal(classifiers)
+        refit_stages = {1} | ({informative} if informative is not None else set())
+    for index, (stage, randomised) in enumerate(
+            tqdm(list(zip(stages, randomised_models, strict=True)),
+                 desc="sanity: randomisation stages", disable=not progress), start=1):
         maps = _saliency_maps(randomised, images, methods, occlusion_patch)
         for method in methods:
             spearman, group = _agreement(original_saliency[method], maps[method], brains,

@@ -28,20 +28,33 @@ RANDOMISED_AGREEMENT_LIMIT = 0.3
 STILL_SEPARATES_AUROC = 0.3
 
 
+def _separates(row: dict[str, Any]) -> bool | None:
+    """Whether a ``randomised_classifiers`` row still tells the groups apart (None: its
+    AUROC is unknown)."""
+    auroc = row.get("auroc")
+    if auroc is None or not np.isfinite(auroc):
+        return None
+    return abs(auroc - 0.5) >= STILL_SEPARATES_AUROC
+
+
 def still_separating_stages(result: dict[str, Any]) -> list[int]:
     """The cascading stages whose randomised classifier still tells the groups apart."""
     return [int(row["stage"]) for row in result.get("randomised_classifiers") or []
-            if row.get("auroc") is not None and np.isfinite(row["auroc"])
-            and abs(row["auroc"] - 0.5) >= STILL_SEPARATES_AUROC]
+            if _separates(row)]
 
 
-def first_stage_without_group_signal(classifiers: list[dict[str, Any]]) -> list[int]:
-    """The first stage (as a list of 0 or 1 numbers) whose randomised classifier no longer
-    tells the groups apart (AUROC within ``STILL_SEPARATES_AUROC`` of chance)."""
-    for row in classifiers:
-        if np.isfinite(row["auroc"]) and abs(row["auroc"] - 0.5) < STILL_SEPARATES_AUROC:
-            return [int(row["stage"])]
-    return []
+def first_stage_without_group_signal(classifiers: list[dict[str, Any]]) -> int | None:
+    """The first stage whose randomised classifier no longer tells the groups apart (AUROC
+    within ``STILL_SEPARATES_AUROC`` of chance), or None."""
+    return next((int(row["stage"]) for row in classifiers if _separates(row) is False), None)
+
+
+def _failing(rows: list[dict[str, Any]]) -> list[str]:
+    """The methods of ``rows`` whose agreement (either measure) exceeds the limit."""
+    return [r["method"] for r in rows
+            if np.nanmax([r["agreement_spearman"] or np.nan,
+                          r["agreement_group_pearson"] or np.nan])
+            > RANDOMISED_AGREEMENT_LIMIT]
 
 
 def _by_method(rows: list[dict[str, Any]], key: str) -> dict[str, list[tuple[int, float]]]:
@@ -110,11 +123,7 @@ def sanity_markdown(result: dict[str, Any]) -> str:
             f"| {row['stage']} | {row['blocks']} | {row['method']} | "
             f"{f(row['agreement_spearman'])} | {f(row['agreement_group_pearson'])} | "
             f"{f(row['moved_share'])} |")
-    first = [r for r in result["randomisation"] if r["stage"] == 1]
-    failing = [r["method"] for r in first
-               if np.nanmax([r["agreement_spearman"] or np.nan,
-                             r["agreement_group_pearson"] or np.nan])
-               > RANDOMISED_AGREEMENT_LIMIT]
+    failing = _failing([r for r in result["randomisation"] if r["stage"] == 1])
     lines += ["", ("Fails after the last block is randomised: " + ", ".join(failing))
               if failing else "Every method passes after the last block is randomised.", ""]
     left = result.get("randomised_classifiers") or []
@@ -134,14 +143,9 @@ def sanity_markdown(result: dict[str, Any]) -> str:
             lines += ["", "After the last block is randomised the classifier still tells "
                       f"the groups apart (AUROC {f(left[0]['auroc'])}): the check above "
                       "is confounded there."]
-        informative = first_stage_without_group_signal(left)
-        if informative:
-            k = informative[0]
-            at_k = [r for r in result["randomisation"] if r["stage"] == k]
-            failing_k = [r["method"] for r in at_k
-                         if np.nanmax([r["agreement_spearman"] or np.nan,
-                                       r["agreement_group_pearson"] or np.nan])
-                         > RANDOMISED_AGREEMENT_LIMIT]
+        k = first_stage_without_group_signal(left)
+        if k is not None:
+            failing_k = _failing([r for r in result["randomisation"] if r["stage"] == k])
             verdict = (("fails: " + ", ".join(failing_k)) if failing_k
                        else "every method scored there passes")
             lines += ["", f"Stage {k} is the first whose classifier no longer tells the "
